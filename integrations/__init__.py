@@ -1,0 +1,1 @@
+"""Adapters that put a Distiller into a framework's own training loop."""

@@ -1,0 +1,116 @@
+"""The config: YAML or a dict, validated before anything is attached."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._errors import ConfigError, did_you_mean
+from ._registry import Registry
+from ._schedule import Schedule, is_schedule_spec, parse_schedule
+from ._term import Term
+
+
+class DistillConfig(BaseModel):
+    """The top level of a kdhooks config."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    task_weight: float | dict[str, Any] | Schedule = 1.0
+    terms: list[dict[str, Any] | Term] = Field(default_factory=list)
+    plugins: list[str] = Field(default_factory=list)
+    disable_plugins: list[str] = Field(default_factory=list)
+
+
+def load_config(source: str | os.PathLike | dict | DistillConfig | None) -> DistillConfig:
+    """Read a config from a YAML path, a YAML string, a dict or a DistillConfig."""
+    if source is None:
+        return DistillConfig()
+    if isinstance(source, DistillConfig):
+        return source
+    origin = "config"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if isinstance(source, os.PathLike) or (len(str(source)) < 4096 and "\n" not in str(source) and path.suffix in (".yaml", ".yml", ".json")):
+            if not path.exists():
+                raise ConfigError(str(path), "config file not found", value=str(path),
+                                  fix="pass the path of a YAML file, a YAML string or a dict")
+            origin, text = str(path), path.read_text()
+        else:
+            text = str(source)
+        try:
+            source = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(origin, f"not valid YAML: {error}", fix="check the indentation and colons") from None
+        if not isinstance(source, dict):
+            raise ConfigError(origin, "a config is a mapping with `terms:`", value=source,
+                              fix="write `terms: [{kind: kd, weight: 1}]`")
+    try:
+        return DistillConfig.model_validate(source)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("dict[", "float", "Term", "is-instance")))
+        if first["type"] == "extra_forbidden":
+            name = str(first["loc"][0])
+            raise ConfigError(f"{origin}:{name}" if origin != "config" else name, f"unknown config key {name!r}",
+                              value=name, fix=did_you_mean(name, DistillConfig.model_fields)
+                              or f"valid keys: {', '.join(DistillConfig.model_fields)}") from None
+        raise ConfigError(where, first["msg"], value=first.get("input")) from None
+
+
+def build_terms(config: DistillConfig, registry: Registry) -> list[Term]:
+    """Term objects from the config, each with a unique name and its schedules."""
+    terms: list[Term] = []
+    for index, spec in enumerate(config.terms):
+        location = f"terms[{index}]"
+        if isinstance(spec, Term):
+            term = spec
+        else:
+            term = _build_term(dict(spec), registry, location)
+        term.location = location
+        terms.append(term)
+    counts: dict[str, int] = {}
+    for term in terms:
+        counts[term.kind] = counts.get(term.kind, 0) + 1
+    seen: dict[str, int] = {}
+    for term in terms:
+        if not term.name:
+            i = seen[term.kind] = seen.get(term.kind, -1) + 1
+            term.name = term.kind if counts[term.kind] == 1 else f"{term.kind}[{i}]"
+    names = [t.name for t in terms]
+    for term in terms:
+        if names.count(term.name) > 1:
+            raise ConfigError(f"{term.location}.name", f"two terms are named {term.name!r}",
+                              value=term.name, fix="give each term its own `name:`")
+    return terms
+
+
+def _build_term(spec: dict[str, Any], registry: Registry, location: str) -> Term:
+    if "kind" not in spec:
+        raise ConfigError(location, "a term needs a `kind`",
+                          fix=f"known kinds: {', '.join(sorted(registry.terms))}")
+    kind = spec.pop("kind")
+    if kind not in registry.terms:
+        raise ConfigError(f"{location}.kind", f"unknown term kind {kind!r}", value=kind,
+                          fix=did_you_mean(str(kind), registry.terms)
+                          or f"known kinds: {', '.join(sorted(registry.terms))}")
+    schedules = {option: parse_schedule(value, registry, f"{location}.{option}")
+                 for option, value in spec.items() if is_schedule_spec(value)}
+    # validate with each schedule's first value, then put the schedules back
+    values = {**spec, **{option: schedule(0) for option, schedule in schedules.items()}}
+    term = registry.terms[kind].validate(values, location)
+    for option, schedule in schedules.items():
+        setattr(term, option, schedule)
+    return term
+
+
+def parse_number(value: float | dict | Schedule, registry: Registry, location: str) -> float | Schedule:
+    if is_schedule_spec(value):
+        return parse_schedule(value, registry, location)
+    if isinstance(value, dict):
+        raise ConfigError(location, "a number or a schedule `{schedule: ..., ...}`", value=value)
+    return value

@@ -1,0 +1,376 @@
+"""The Distiller: attaches to a student and its teachers, returns the distillation loss."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._config import DistillConfig, build_terms, load_config, parse_number
+from ._context import LossContext, default_teacher_loss
+from ._errors import ConfigError, did_you_mean
+from ._manager import plugin_manager
+from ._recorder import Recorder, TapError
+from ._schedule import value_at
+from ._taps import Tap, resolve_module, resolve_parameter, shape_of
+
+TeacherCall = Callable[[nn.Module, tuple, dict], Any]
+
+
+@dataclass
+class _Model:
+    module: nn.Module
+    trainable: bool
+    call: TeacherCall | None = None
+    needs_grad: bool = False
+
+
+class Distiller(nn.Module):
+    """Knowledge distillation added to an existing loop by forward hooks.
+
+    ``kd = Distiller(student, teacher, "kd.yaml", example_inputs=x0)`` attaches;
+    ``loss = kd(task_loss, labels=y)`` returns ``task_weight * task_loss + Σ
+    weight_i * term_i`` and advances the step; ``kd.close()`` detaches. The
+    teacher runs on the student's inputs from a forward pre-hook on the student,
+    in eval mode, under no_grad, frozen, only while the student is training.
+    Connectors, heads and trainable peers are this module's submodules, so
+    ``kd.parameters()`` goes into the optimizer next to the student's.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | Mapping[str, nn.Module] | None = None,
+                 config: str | os.PathLike | dict | DistillConfig | None = None, *,
+                 example_inputs: Any = None, teacher_call: TeacherCall | None = None,
+                 teacher_loss: Callable[[Any, dict], torch.Tensor] | None = None):
+        super().__init__()
+        self.connectors = nn.ModuleDict()
+        self.parts = nn.ModuleDict()
+        self.peers = nn.ModuleDict()
+        self.step = 0
+        self.last_metrics: dict[str, Any] = {}
+        self.teacher_loss = teacher_loss or default_teacher_loss
+        self._models: dict[str, _Model] = {}
+        self._taps: dict[Tap, str] = {}
+        self._modules_of_taps: dict[Tap, nn.Module] = {}
+        self._params: dict[Tap, torch.Tensor] = {}
+        self._owned: dict[str, list[nn.Module]] = {}
+        self._last: dict[str, torch.Tensor] = {}
+        self._undo: list[Callable[[], None]] = []
+        self._recorder = Recorder()
+        self._dry = False
+        self._closed = False
+        self._pm = None
+        try:
+            self.config = load_config(config)
+            self._pm, self.registry = plugin_manager(self.config.plugins, self.config.disable_plugins)
+            self.task_weight = parse_number(self.config.task_weight, self.registry, "task_weight")
+            self.terms = build_terms(self.config, self.registry)
+            self.add_model("student", student, trainable=True)
+            teachers = teacher if isinstance(teacher, Mapping) else {} if teacher is None else {"teacher": teacher}
+            for role, module in teachers.items():
+                self.add_model(role, module, call=teacher_call)
+            for term in self.terms:
+                self._pm.register(term, name=f"term:{term.name}")
+            self._pm.hook.kdhooks_configure(distiller=self)
+            self._install()
+            shapes = self._dry_run(example_inputs) if example_inputs is not None else {}
+            self._pm.hook.kdhooks_build(distiller=self, shapes=shapes)
+            self._set_step_values()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- public API for plugins and integrations -----------------------------------
+
+    @property
+    def student(self) -> nn.Module:
+        return self._models["student"].module
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        model = self._models.get("teacher")
+        return model.module if model else None
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self._models)
+
+    def model(self, role: str) -> nn.Module:
+        return self._models[role].module
+
+    def is_trainable(self, role: str) -> bool:
+        return self._models[role].trainable
+
+    def add_model(self, role: str, module: nn.Module, *, trainable: bool = False,
+                  call: TeacherCall | None = None) -> None:
+        """Run ``module`` on the student's inputs every training step, under ``role``.
+
+        A teacher (``trainable=False``) is frozen and kept in eval mode until
+        ``close()``; a trainable peer becomes a submodule of the Distiller.
+        """
+        if role in self._models:
+            raise ConfigError(role, f"a model is already attached as {role!r}", fix="choose another role name")
+        if not isinstance(module, nn.Module):
+            raise ConfigError(role, f"the {role} must be a torch.nn.Module, got {type(module).__name__}")
+        self._models[role] = _Model(module, trainable, call)
+        if role == "student":
+            return
+        if trainable:
+            self.peers[role] = module
+            return
+        was_training = module.training
+        frozen = [p for p in module.parameters() if p.requires_grad]
+        module.eval()
+        for p in frozen:
+            p.requires_grad_(False)
+
+        def restore() -> None:
+            for p in frozen:
+                p.requires_grad_(True)
+            module.train(was_training)
+        self._undo.append(restore)
+
+    def add_tap(self, tap: Tap, location: str = "tap") -> None:
+        """Record ``tap`` from now on; a ConfigError if its role or path does not exist."""
+        if tap in self._taps:
+            return
+        if tap.role not in self._models:
+            raise ConfigError(location, f"no model is attached as {tap.role!r}", value=tap.role,
+                              fix=did_you_mean(tap.role, self._models) or f"roles: {', '.join(self._models)}")
+        model = self._models[tap.role].module
+        if tap.kind == "param":
+            param = resolve_parameter(model, tap.module_path, role=tap.role, location=location)
+            self._params[tap] = param if self.is_trainable(tap.role) else param.detach()
+        else:
+            self._modules_of_taps[tap] = resolve_module(model, tap.module_path, role=tap.role, location=location)
+        self._taps[tap] = location
+        if tap.kind == "grad" and not self.is_trainable(tap.role):
+            self._models[tap.role].needs_grad = True
+            self.add_tap(Tap(tap.role, "", "output"), location)
+        if tap.kind == "attention":
+            self._use_eager_attention(model, location)
+
+    def add_connector(self, owner: str, student_shape: tuple, teacher_shape: tuple, kind: str = "auto",
+                      location: str | None = None) -> nn.Module:
+        """A connector kind ``kind`` from student to teacher shape, owned by a term."""
+        location = location or owner
+        if kind not in self.registry.connectors:
+            raise ConfigError(location, f"unknown connector {kind!r}", value=kind,
+                              fix=did_you_mean(kind, self.registry.connectors)
+                              or f"connectors: {', '.join(sorted(self.registry.connectors))}")
+        try:
+            module = self.registry.connectors[kind](tuple(student_shape), tuple(teacher_shape))
+        except ValueError as error:
+            joins = [k for k, f in self.registry.connectors.items() if k != kind and _joins(f, student_shape, teacher_shape)]
+            raise ConfigError(location, f"connector {kind!r} cannot join the student's {tuple(student_shape)} "
+                              f"to the teacher's {tuple(teacher_shape)}: {error}", value=kind,
+                              fix=f"use connector: {joins[0]}" if joins else
+                              "tap layers whose features have the same kind of shape") from None
+        return self.add_part(owner, module, table=self.connectors)
+
+    def add_part(self, owner: str, module: nn.Module, table: nn.ModuleDict | None = None) -> nn.Module:
+        """Make ``module`` trainable with the Distiller (a head, a paraphraser), owned by ``owner``."""
+        table = self.parts if table is None else table
+        key, n = owner, 1
+        while key in table:
+            key, n = f"{owner}#{n}", n + 1
+        device = next((p.device for p in self.student.parameters()), None)
+        table[key] = module.to(device) if device is not None else module
+        self._owned.setdefault(owner, []).append(module)
+        return module
+
+    def parameter_of(self, tap: Tap) -> torch.Tensor:
+        return self._params[tap]
+
+    @property
+    def captures(self) -> dict[Tap, Any]:
+        """This step's recorded values by tap (empty after the loss was formed)."""
+        return self._recorder.captures
+
+    def zero_touching(self, owner: str) -> torch.Tensor:
+        """A zero that depends on every parameter ``owner`` owns (DDP needs a gradient for each)."""
+        zero = torch.zeros((), device=next((p.device for p in self.student.parameters()), None))
+        for module in self._owned.get(owner, []):
+            for p in module.parameters():
+                if p.requires_grad:
+                    zero = zero + p.view(-1)[0] * 0
+        return zero
+
+    @property
+    def last_losses(self) -> dict[str, float]:
+        """Each part of the last loss as a float: ``task``, every term (weighted) and ``total``."""
+        return {name: float(value) for name, value in self._last.items()}
+
+    # --- the step ---------------------------------------------------------------------
+
+    def forward(self, task_loss: torch.Tensor | None = None, **extras: Any) -> torch.Tensor:
+        if self._closed:
+            raise RuntimeError("this Distiller is closed: its hooks are removed")
+        self._set_step_values()
+        self.last_metrics = {}
+        ctx = LossContext(self, task_loss, extras)
+        try:
+            results = self._pm.hook.kdhooks_losses(ctx=ctx)
+        finally:
+            self._recorder.clear()
+        parts: dict[str, torch.Tensor] = {}
+        if task_loss is not None:
+            parts["task"] = self._task_weight_now * task_loss
+        for result in reversed(results):
+            for name, value in (result or {}).items():
+                if name in parts:
+                    raise ConfigError(name, f"two plugins return a loss named {name!r}",
+                                      fix="give the terms distinct `name:`s")
+                parts[name] = value
+        total = sum(parts.values()) if parts else torch.zeros(())
+        self._last = {name: value.detach() for name, value in parts.items()}
+        self._last["total"] = total.detach()
+        self._pm.hook.kdhooks_step_end(distiller=self, losses=dict(self._last))
+        self.step += 1
+        return total
+
+    def _set_step_values(self) -> None:
+        self._task_weight_now = value_at(self.task_weight, self.step)
+        for term in self.terms:
+            term.set_step(self.step)
+
+    # --- hooks ------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        by_role: dict[str, dict[Tap, nn.Module]] = {}
+        for tap, module in self._modules_of_taps.items():
+            by_role.setdefault(tap.role, {})[tap] = module
+        for role, modules in by_role.items():
+            self._recorder.install(role, modules, detach=not self.is_trainable(role))
+        root = self.student
+        self._recorder.handles.append(root.register_forward_pre_hook(self._student_starts, with_kwargs=True, prepend=True))
+        self._recorder.handles.append(root.register_forward_hook(self._student_ends, always_call=True))
+        self._active_roles = [r for r in self._models if r != "student" and any(t.role == r for t in self._taps)]
+
+    def _student_starts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        recording = self.student.training or self._dry
+        self._recorder.recording["student"] = recording
+        if not recording:
+            return
+        self._recorder.clear()
+        for role in self._active_roles:
+            self._run(role, args, kwargs)
+
+    def _student_ends(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._recorder.recording["student"] = False
+
+    def _run(self, role: str, args: tuple, kwargs: dict) -> Any:
+        model = self._models[role]
+        if model.trainable:
+            model.module.train(self.student.training)
+            grad = torch.is_grad_enabled() and not self._dry
+        else:
+            if model.module.training:
+                model.module.eval()
+            grad = model.needs_grad and not self._dry
+        self._recorder.recording[role] = True
+        try:
+            with torch.set_grad_enabled(grad):
+                if not model.trainable:
+                    output = self._pm.hook.kdhooks_teacher_forward(distiller=self, role=role, args=args, kwargs=kwargs)
+                    if output is not None:
+                        return output
+                if model.call is not None:
+                    return model.call(model.module, args, kwargs)
+                return model.module(*args, **kwargs)
+        finally:
+            self._recorder.recording[role] = False
+
+    def _dry_run(self, example_inputs: Any) -> dict[Tap, Any]:
+        """Run the student (and so its teachers) once on ``example_inputs`` to learn shapes."""
+        if isinstance(example_inputs, Mapping):
+            args, kwargs = (), dict(example_inputs)
+        elif isinstance(example_inputs, (tuple, list)):
+            args, kwargs = tuple(example_inputs), {}
+        else:
+            args, kwargs = (example_inputs,), {}
+        modes = {role: m.module.training for role, m in self._models.items()}
+        self._dry = True
+        try:
+            for m in self._models.values():
+                m.module.eval()
+            with torch.no_grad():
+                self.student(*args, **kwargs)
+            captures = dict(self._recorder.captures)
+        except TapError as error:
+            raise ConfigError(self._taps[error.tap], str(error.__cause__), value=error.tap.path,
+                              fix="check the selector after ':' against the module's output") from None
+        finally:
+            self._dry = False
+            self._recorder.clear()
+            for role, training in modes.items():
+                self._models[role].module.train(training)
+        shapes: dict[Tap, Any] = {}
+        for tap, location in self._taps.items():
+            if tap.kind == "param":
+                shapes[tap] = tuple(self._params[tap].shape)
+                continue
+            if tap not in captures:
+                raise ConfigError(location, f"the {tap.role}'s module {tap.module_path!r} was not called "
+                                  f"on the example inputs", value=tap.path,
+                                  fix="tap a module that the forward pass uses")
+            if tap.kind == "attention" and captures[tap] is None:
+                raise ConfigError(location, f"{tap.module_path!r} returned no attention probabilities",
+                                  value=tap.path, fix="use a module that returns them (eager attention), "
+                                  "or pick them out with a selector (path:index)")
+            shapes[tap] = shape_of(captures[tap])
+        return shapes
+
+    def _use_eager_attention(self, model: nn.Module, location: str) -> None:
+        config = getattr(model, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+            return
+        warnings.warn(f"{location}: attention taps need attention probabilities, which "
+                      f"{current!r} attention does not return; switching this model to 'eager' "
+                      f"until close()", stacklevel=3)
+        model.set_attn_implementation("eager")
+        self._undo.append(lambda: model.set_attn_implementation(current))
+
+    # --- state and lifetime -------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self._set_step_values()
+
+    def close(self) -> None:
+        """Remove every hook, drop captures, give the teacher back as it was. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._recorder.remove()
+        if self._pm is not None:
+            for name, plugin in list(self._pm.list_name_plugin()):
+                if name and name.startswith("term:"):
+                    self._pm.unregister(plugin)
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> Distiller:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def extra_repr(self) -> str:
+        terms = ", ".join(f"{t.name}({t.kind})" for t in getattr(self, "terms", []))
+        return f"step={self.step}, terms=[{terms}]"
+
+
+def _joins(factory: Callable, student_shape: tuple, teacher_shape: tuple) -> bool:
+    try:
+        factory(tuple(student_shape), tuple(teacher_shape))
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,80 @@
+"""Plugin discovery: the ``kdhooks`` entry-point group plus modules named in a config."""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+
+import pluggy
+
+from . import hookspecs
+from ._errors import ConfigError, did_you_mean
+from ._registry import Registry
+
+GROUP = "kdhooks"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """An installed plugin: its entry-point name, module, package and version."""
+
+    name: str
+    module: str
+    package: str
+    version: str
+
+
+@lru_cache(maxsize=1)
+def installed_plugins() -> tuple[PluginInfo, ...]:
+    """Every plugin declared in the ``kdhooks`` entry-point group, once each."""
+    found: dict[str, PluginInfo] = {}
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != GROUP:
+                continue
+            info = PluginInfo(ep.name, ep.value, dist.metadata["Name"], dist.version)
+            other = found.get(ep.name)
+            if other and other.module != info.module:
+                raise ConfigError("plugins", f"two packages declare the plugin {ep.name!r}: "
+                                  f"{other.package} ({other.module}) and {info.package} ({info.module})",
+                                  value=ep.name, fix="uninstall one, or ask its author to rename the entry point")
+            found[ep.name] = info
+    return tuple(sorted(found.values(), key=lambda p: (p.package != "kdhooks", p.name)))
+
+
+def _import(module: str, location: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ConfigError(location, f"cannot import plugin module {module!r}: {error}", value=module,
+                          fix="install the package that provides it, or correct the module name") from None
+
+
+def plugin_manager(modules: list[str] | tuple[str, ...] = (),
+                   disabled: list[str] | tuple[str, ...] = ()) -> tuple[pluggy.PluginManager, Registry]:
+    """A plugin manager with every installed plugin and ``modules``, and the kinds they register."""
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    installed = installed_plugins()
+    known = [p.name for p in installed]
+    for name in disabled:
+        if name not in known:
+            raise ConfigError("disable_plugins", f"no installed plugin is named {name!r}", value=name,
+                              fix=did_you_mean(name, known) or f"installed plugins: {', '.join(known)}")
+        pm.set_blocked(name)
+    for info in installed:
+        if not pm.is_blocked(info.name):
+            pm.register(_import(info.module, f"entry point {info.name}"), name=info.name)
+    for index, module_name in enumerate(modules):
+        module = _import(module_name, f"plugins[{index}]")
+        if not pm.is_registered(module):
+            pm.register(module, name=module_name)
+    registry = Registry()
+    # pluggy calls hooks last-registered first; register in discovery order instead
+    for impl in reversed(pm.hook.kdhooks_register.get_hookimpls()):
+        registry.current_plugin = impl.plugin_name
+        impl.function(registry=registry)
+    registry.current_plugin = "?"
+    return pm, registry

@@ -1,0 +1,43 @@
+"""Schedules: any number in a config may change with the step."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ConfigError, did_you_mean
+from ._options import Options
+
+if TYPE_CHECKING:
+    from ._registry import Registry
+
+
+class Schedule(Options):
+    """A value as a function of the step; subclasses define ``__call__``.
+
+    Written inline in a config wherever a number goes:
+    ``temperature: {schedule: cosine, start: 8, end: 2, steps: 5000}``.
+    """
+
+    def __call__(self, step: int) -> float:
+        raise TypeError(f"{type(self).__name__} does not define __call__(step)")
+
+
+def is_schedule_spec(value: Any) -> bool:
+    return isinstance(value, dict) and "schedule" in value
+
+
+def parse_schedule(spec: dict[str, Any], registry: Registry, location: str) -> Schedule:
+    """A Schedule from its config mapping; nested schedules (warmup's ``then``) included."""
+    spec = dict(spec)
+    kind = spec.pop("schedule")
+    if kind not in registry.schedules:
+        raise ConfigError(f"{location}.schedule", f"unknown schedule {kind!r}", value=kind,
+                          fix=did_you_mean(str(kind), registry.schedules)
+                          or f"known schedules: {', '.join(sorted(registry.schedules))}")
+    for key, value in spec.items():
+        if is_schedule_spec(value):
+            spec[key] = parse_schedule(value, registry, f"{location}.{key}")
+    return registry.schedules[kind].validate(spec, location)
+
+
+def value_at(value: float | Schedule, step: int) -> float:
+    return float(value(step)) if callable(value) else float(value)

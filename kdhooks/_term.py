@@ -1,0 +1,92 @@
+"""The loss term: options as typed fields, taps, a formula."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ._errors import ConfigError
+from ._options import Options
+from ._schedule import Schedule, value_at
+from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from ._context import LossContext
+    from ._distiller import Distiller
+    from ._taps import Tap
+
+
+class Term(Options):
+    """One configured loss term; a plugin subclasses it and fills three methods.
+
+    ``taps()`` names what to record as ``{argument name: Tap}``, ``build()`` makes
+    connectors from the dry pass's shapes, and ``loss(ctx, **captures)`` is the
+    paper's formula on the captured tensors. The Distiller multiplies the result
+    by ``weight``; any numeric option, ``weight`` included, may be a schedule.
+    """
+
+    kind: ClassVar[str] = ""
+    name: str = ""
+    weight: float = 1.0
+
+    # set by the Distiller
+    location: ClassVar[str] = "terms"
+
+    def taps(self) -> dict[str, Tap]:
+        """What to record, by the argument name ``loss`` receives it under."""
+        return {}
+
+    def build(self, distiller: Distiller, shapes: dict[str, Any]) -> None:
+        """Make connectors or heads once the shapes of the taps are known."""
+
+    def loss(self, ctx: LossContext, **captures: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The unweighted loss, or named parts of it, from this step's captures."""
+        raise TypeError(f"term {type(self).__name__} does not define loss()")
+
+    # --- lifecycle, as pluggy hooks -------------------------------------------------
+
+    def scheduled(self) -> dict[str, Schedule]:
+        """The options that follow a schedule, by option name."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, Schedule)}
+
+    def set_step(self, step: int) -> None:
+        for option, schedule in self._schedules.items():
+            setattr(self, option, value_at(schedule, step))
+
+    def _option_holding(self, path: str) -> str | None:
+        for option in self.option_names():
+            if getattr(self, option, None) == path and option != "name":
+                return option
+        return None
+
+    @hookimpl
+    def kdhooks_configure(self, distiller: Distiller) -> None:
+        self._schedules = self.scheduled()
+        self.set_step(distiller.step)
+        self._taps = self.taps()
+        for tap in self._taps.values():
+            option = tap.option or self._option_holding(tap.path)
+            where = f"{self.location}.{option}" if option else self.location
+            distiller.add_tap(tap, location=where)
+
+    @hookimpl
+    def kdhooks_build(self, distiller: Distiller, shapes: dict[Any, Any]) -> None:
+        if type(self).build is Term.build:
+            return
+        missing = [name for name, tap in self._taps.items() if tap not in shapes]
+        if missing:
+            raise ConfigError(self.location, f"term {self.name!r} sizes its connectors from the "
+                              f"shapes of {missing}, which are not known",
+                              fix="pass example_inputs= to Distiller so a dry pass can record them")
+        self.build(distiller, {name: shapes[tap] for name, tap in self._taps.items()})
+
+    @hookimpl
+    def kdhooks_losses(self, ctx: LossContext) -> dict[str, torch.Tensor]:
+        if self.weight == 0:
+            # switched off by its schedule: keep its parameters in the graph for DDP, cheaply
+            return {self.name: ctx.distiller.zero_touching(self.name)}
+        captures = {name: ctx[tap] for name, tap in self._taps.items()}
+        value = self.loss(ctx, **captures)
+        if isinstance(value, dict):
+            return {f"{self.name}.{part}" if part else self.name: self.weight * v for part, v in value.items()}
+        return {self.name: self.weight * value}
