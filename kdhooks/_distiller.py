@@ -60,6 +60,8 @@ class Distiller(nn.Module):
         self._last: dict[str, torch.Tensor] = {}
         self._undo: list[Callable[[], None]] = []
         self._recorder = Recorder()
+        self._active_roles: list[str] = []
+        self._installed = False
         self._dry = False
         self._closed = False
         self._pm = None
@@ -147,6 +149,10 @@ class Distiller(nn.Module):
         else:
             self._modules_of_taps[tap] = resolve_module(model, tap.module_path, role=tap.role, location=location)
         self._taps[tap] = location
+        if tap.kind != "param" and tap.role != "student" and tap.role not in self._active_roles:
+            self._active_roles.append(tap.role)
+        if self._installed and tap.kind != "param":
+            self._recorder.install(tap.role, {tap: self._modules_of_taps[tap]}, detach=not self.is_trainable(tap.role))
         if tap.kind == "grad" and not self.is_trainable(tap.role):
             self._models[tap.role].needs_grad = True
             self.add_tap(Tap(tap.role, "", "output"), location)
@@ -248,7 +254,7 @@ class Distiller(nn.Module):
         root = self.student
         self._recorder.handles.append(root.register_forward_pre_hook(self._student_starts, with_kwargs=True, prepend=True))
         self._recorder.handles.append(root.register_forward_hook(self._student_ends, always_call=True))
-        self._active_roles = [r for r in self._models if r != "student" and any(t.role == r for t in self._taps)]
+        self._installed = True
 
     def _student_starts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         recording = self.student.training or self._dry

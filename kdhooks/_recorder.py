@@ -69,7 +69,8 @@ class Recorder:
             if any(t.kind == "attention" for t in taps) and isinstance(module, nn.MultiheadAttention):
                 self.handles.append(module.register_forward_pre_hook(
                     self._need_weights_hook(role), with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._output_hook(role, taps, detach)))
+            # prepend: on the model's root, recording must happen before the Distiller switches it off
+            self.handles.append(module.register_forward_hook(self._output_hook(role, taps, detach), prepend=True))
 
     def _input_hook(self, role: str, taps: list[Tap], detach: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):

@@ -1,0 +1,244 @@
+"""The Distiller: what it records, what it trains, what it leaves behind."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kdhooks
+from _models import TwoHeads, batch, pair
+
+KD_FITNETS = {"task_weight": 0.5, "terms": [
+    {"kind": "kd", "weight": 0.5, "temperature": 4},
+    {"kind": "fitnets", "weight": 2.0, "student": "stage2", "teacher": "stage2"},
+]}
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_captures_equal_the_modules_real_outputs_and_inputs():
+    student, teacher = pair()
+    x, _ = batch()
+    taps = {"s_out": kdhooks.Tap("student", "stage2"), "s_in": kdhooks.Tap("student", "fc", kind="input"),
+            "t_out": kdhooks.Tap("teacher", "stage3"), "t_logits": kdhooks.Tap("teacher", "logits")}
+    with kdhooks.Distiller(student, teacher, {}) as kd:
+        for where, tap in taps.items():
+            kd.add_tap(tap, where)
+        student.train()
+        student(x)
+        captures = dict(kd.captures)
+    teacher.eval()  # the teacher ran in eval mode; the student in training mode (batch statistics)
+    with torch.no_grad():
+        s1 = student.stage1(x)
+        stage2 = student.stage2(s1)
+        fc_in = student.pool(student.stage3(stage2)).flatten(1)
+        t3 = teacher.stage3(teacher.stage2(teacher.stage1(x)))
+        t_logits = teacher.fc(teacher.pool(t3).flatten(1))
+    torch.testing.assert_close(captures[taps["s_out"]], stage2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(captures[taps["s_in"]], fc_in, rtol=0, atol=1e-6)
+    torch.testing.assert_close(captures[taps["t_out"]], t3, rtol=0, atol=1e-6)
+    torch.testing.assert_close(captures[taps["t_logits"]], t_logits, rtol=0, atol=1e-6)
+    assert captures[taps["s_out"]].requires_grad and not captures[taps["t_out"]].requires_grad
+
+
+def test_selectors_and_capture_policy_for_a_module_called_twice():
+    student, teacher = TwoHeads(), TwoHeads()
+    x = torch.randn(4, 6)
+    last, every = kdhooks.Tap("student", "trunk"), kdhooks.Tap("student", "trunk", policy="all")
+    picked, logits = kdhooks.Tap("student", ":pair:1"), kdhooks.Tap("teacher", "logits")
+    with kdhooks.Distiller(student, teacher, {}) as kd:
+        for tap in (last, every, picked, logits):
+            kd.add_tap(tap)
+        out = student(x)
+        captures = dict(kd.captures)
+    assert len(captures[every]) == 2
+    torch.testing.assert_close(captures[every][0], out["pair"][0])
+    torch.testing.assert_close(captures[last], out["pair"][1])
+    torch.testing.assert_close(captures[picked], out["pair"][1])
+    torch.testing.assert_close(captures[logits], teacher(x)["logits"])
+
+
+def test_kd_equals_a_hand_computation():
+    student, teacher = pair()
+    x, y = batch()
+    with kdhooks.Distiller(student, teacher, {"task_weight": 0.3, "terms": [{"kind": "kd", "weight": 0.7, "temperature": 3}]}) as kd:
+        s_logits = student(x)
+        total = kd(F.cross_entropy(s_logits, y), labels=y)
+    with torch.no_grad():
+        t_logits = teacher.eval()(x)
+    T = 3.0
+    p_t = torch.softmax(t_logits / T, 1)
+    by_hand = (p_t * (torch.log(p_t) - torch.log_softmax(s_logits / T, 1))).sum(1).mean() * T * T
+    expected = 0.3 * F.cross_entropy(s_logits, y) + 0.7 * by_hand
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    assert kd.last_losses["kd"] == pytest.approx(0.7 * by_hand.item(), rel=1e-5)
+    assert kd.last_losses["total"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_l2_variant_is_mean_squared_logits():
+    student, teacher = pair()
+    x, y = batch()
+    with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "kd", "variant": "l2"}]}) as kd:
+        s_logits = student(x)
+        kd(None)
+    assert kd.last_losses["kd"] == pytest.approx(((s_logits - teacher.eval()(x)) ** 2).mean().item(), rel=1e-5)
+
+
+def test_gradients_reach_student_and_connector_never_teacher():
+    student, teacher = pair()
+    x, y = batch()
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        loss = kd(F.cross_entropy(student(x), y), labels=y)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in kd.connectors.parameters())
+        assert student.stage1[0].weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in teacher.parameters())
+        assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # given back as it was
+
+
+def test_teacher_bit_identical_after_20_steps_batchnorm_included():
+    student, teacher = pair()
+    teacher.train()  # even a teacher left in training mode must not move its BatchNorm statistics
+    before = copy.deepcopy(teacher.state_dict())
+    x, y = batch(32)
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        optimizer = torch.optim.SGD([*student.parameters(), *kd.parameters()], lr=0.1)
+        for _ in range(20):
+            loss = kd(F.cross_entropy(student(x), y), labels=y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert teacher.training  # its mode is given back too
+
+
+def test_no_hook_left_after_close_or_an_exception():
+    student, teacher = pair()
+    x, y = batch()
+    clean = hook_count(student), hook_count(teacher)
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]):
+        assert hook_count(student) > clean[0]
+    assert (hook_count(student), hook_count(teacher)) == clean
+    with pytest.raises(RuntimeError, match="boom"):
+        with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]):
+            student(x)
+            raise RuntimeError("boom")
+    assert (hook_count(student), hook_count(teacher)) == clean
+    with pytest.raises(kdhooks.ConfigError):
+        kdhooks.Distiller(student, teacher, {"terms": [{"kind": "fitnets", "student": "stage2", "teacher": "nope"}]},
+                          example_inputs=x[:2])
+    assert (hook_count(student), hook_count(teacher)) == clean
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_runs_only_while_the_student_trains_and_teacher_call_overrides():
+    student, teacher = pair()
+    x, _ = batch()
+    calls = []
+
+    def call(model, args, kwargs):
+        calls.append(model.training)
+        return model(*args, **kwargs)
+
+    with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "kd"}]}, teacher_call=call) as kd:
+        student.eval()
+        student(x)
+        assert calls == [] and not kd.captures
+        student.train()
+        student(x)
+        assert calls == [False]
+
+
+def test_state_dict_round_trip_resumes_identical_losses():
+    x, y = batch(16)
+    config = {"terms": [{"kind": "kd", "temperature": {"schedule": "linear", "start": 6, "end": 2, "steps": 6}},
+                        {"kind": "fitnets", "student": "stage2", "teacher": "stage2"}]}
+
+    def run(steps, student, teacher, kd, optimizer):
+        losses = []
+        for _ in range(steps):
+            loss = kd(F.cross_entropy(student(x), y), labels=y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(kd.last_losses)
+        return losses
+
+    student, teacher = pair()
+    kd = kdhooks.Distiller(student, teacher, config, example_inputs=x[:2])
+    optimizer = torch.optim.SGD([*student.parameters(), *kd.parameters()], lr=0.05, momentum=0.9)
+    run(3, student, teacher, kd, optimizer)
+    saved = copy.deepcopy((student.state_dict(), kd.state_dict(), optimizer.state_dict()))
+    straight = run(3, student, teacher, kd, optimizer)
+    kd.close()
+
+    student2, teacher2 = pair()
+    teacher2.load_state_dict(teacher.state_dict())
+    kd2 = kdhooks.Distiller(student2, teacher2, config, example_inputs=x[:2])
+    optimizer2 = torch.optim.SGD([*student2.parameters(), *kd2.parameters()], lr=0.05, momentum=0.9)
+    student2.load_state_dict(saved[0])
+    kd2.load_state_dict(saved[1])
+    optimizer2.load_state_dict(saved[2])
+    assert kd2.step == 3
+    resumed = run(3, student2, teacher2, kd2, optimizer2)
+    kd2.close()
+    assert resumed == straight
+
+
+def test_activation_checkpointing_does_not_overwrite_captures():
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Linear(5, 5)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+    student, teacher = Checkpointed(), Checkpointed()
+    x = torch.randn(4, 5)
+    tap = kdhooks.Tap("student", "block")
+    with kdhooks.Distiller(student, teacher, {}) as kd:
+        kd.add_tap(tap)
+        out = student(x)
+        first = kd.captures[tap]
+        out.sum().backward()  # the recomputation runs block's hooks again
+        assert kd.captures[tap] is first
+
+
+def test_wrapped_models_accept_the_unwrapped_names():
+    student, teacher = pair()
+    x, y = batch()
+    wrapped = nn.DataParallel(student)  # on CPU it just calls the module; its paths start with 'module.'
+    with kdhooks.Distiller(wrapped, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        loss = kd(F.cross_entropy(wrapped(x), y), labels=y)
+        assert torch.isfinite(loss) and kd.last_losses["fitnets"] > 0
+
+
+def test_nan_term_raises_loss_error_naming_term_and_step():
+    student, teacher = pair()
+    x, y = batch()
+    with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "kd"}]}) as kd:
+        kd(F.cross_entropy(student(x), y))
+        with pytest.raises(kdhooks.LossError, match=r"'kd' is nan at step 1"):
+            kd(F.cross_entropy(student(x * float("nan")), y))
+
+
+def test_a_term_switched_off_keeps_its_connector_in_the_graph():
+    student, teacher = pair()
+    x, y = batch()
+    config = {"terms": [{"kind": "fitnets", "student": "stage2", "teacher": "stage2",
+                         "weight": {"schedule": "step", "milestones": [1], "values": [1.0, 0.0]}}]}
+    with kdhooks.Distiller(student, teacher, config, example_inputs=x[:2]) as kd:
+        kd(F.cross_entropy(student(x), y))
+        assert kd.last_losses["fitnets"] > 0
+        loss = kd(F.cross_entropy(student(x), y))
+        assert kd.last_losses["fitnets"] == 0.0
+        loss.backward()
+        assert all(p.grad is not None for p in kd.connectors.parameters())
