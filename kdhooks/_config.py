@@ -81,11 +81,12 @@ def build_terms(config: DistillConfig, registry: Registry) -> list[Term]:
         if not term.name:
             i = seen[term.kind] = seen.get(term.kind, -1) + 1
             term.name = term.kind if counts[term.kind] == 1 else f"{term.kind}[{i}]"
-    names = [t.name for t in terms]
+    taken: set[str] = set()
     for term in terms:
-        if names.count(term.name) > 1:
+        if term.name in taken:
             raise ConfigError(f"{term.location}.name", f"two terms are named {term.name!r}",
                               value=term.name, fix="give each term its own `name:`")
+        taken.add(term.name)
     return terms
 
 

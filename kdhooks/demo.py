@@ -7,6 +7,7 @@ comparisons use the same pair: ``digits_tensors``, ``teacher_cnn``,
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,3 +99,95 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, teach
         if kd is not None:
             kd.close()
     return model
+
+
+KD_CONFIG = """
+task_weight: 0.5
+terms:
+  - kind: kd
+    weight: 0.5
+    temperature: 4
+"""
+
+KD_FITNETS_CONFIG = KD_CONFIG + """
+  - kind: fitnets
+    weight: 1.0
+    student: stage2
+    teacher: stage2
+"""
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def run_demo(seeds: int = 3, epochs: int | None = None, teacher_epochs: int | None = None,
+             out: Path | None = Path("runs/demo"), subset: int | None = None) -> dict[str, list[float]]:
+    """Teacher, student alone, student + KD, student + KD + FitNets on digits; a table and a PNG.
+
+    Returns the test accuracies by variant (one per seed). ``subset`` trains on
+    the first images only (the tests run the demo small).
+    """
+    from tqdm.auto import tqdm
+
+    epochs = epochs or 15
+    teacher_epochs = teacher_epochs or 15
+    variants = {"student alone": None, "student + KD": KD_CONFIG, "student + KD + FitNets": KD_FITNETS_CONFIG}
+    results: dict[str, list[float]] = {"teacher": [], **{name: [] for name in variants}}
+    curves: dict[str, list[list[float]]] = {name: [] for name in variants}
+    progress = tqdm(total=seeds * (teacher_epochs + len(variants) * epochs), desc="demo", unit="epoch")
+    for seed in range(seeds):
+        x_train, y_train, x_test, y_test = digits_tensors(seed)
+        if subset:
+            x_train, y_train = x_train[:subset], y_train[:subset]
+        torch.manual_seed(seed)
+        teacher = train(teacher_cnn(), x_train, y_train, epochs=teacher_epochs, seed=seed,
+                        on_epoch=lambda epoch, model: progress.update())
+        results["teacher"].append(accuracy(teacher, x_test, y_test))
+        for name, config in variants.items():
+            curve: list[float] = []
+
+            def on_epoch(epoch: int, model: nn.Module, curve: list[float] = curve) -> None:
+                curve.append(accuracy(model, x_test, y_test))
+                progress.update()
+
+            torch.manual_seed(1000 + seed)  # the same initial student for every variant of a seed
+            student = train(student_cnn(), x_train, y_train, teacher=teacher if config else None, config=config,
+                            epochs=epochs, seed=seed, on_epoch=on_epoch)
+            results[name].append(accuracy(student, x_test, y_test))
+            curves[name].append(curve)
+    progress.close()
+
+    print(f"\ndigits, {seeds} seeds: test accuracy (%), mean ± std")
+    print(f"  teacher (CNN, {sum(p.numel() for p in teacher_cnn().parameters())} parameters)".ljust(44)
+          + _mean_std(results["teacher"]))
+    for name in variants:
+        label = f"  {name} ({sum(p.numel() for p in student_cnn().parameters())} parameters)"
+        print(label.ljust(44) + _mean_std(results[name]))
+    if out is not None:
+        _plot(curves, out)
+    return results
+
+
+def _plot(curves: dict[str, list[list[float]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, runs in curves.items():
+        mean = [sum(values) / len(values) * 100 for values in zip(*runs)]
+        axes.plot(range(1, len(mean) + 1), mean, label=name)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("test accuracy (%), mean over seeds")
+    axes.set_title("digits: student CNN with and without distillation")
+    axes.legend()
+    figure.tight_layout()
+    path = out / "learning_curves.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"learning curves: {path}")
