@@ -49,15 +49,14 @@ class Distiller(nn.Module):
         self.connectors = nn.ModuleDict()
         self.parts = nn.ModuleDict()
         self.peers = nn.ModuleDict()
-        self.step = 0
-        self.last_metrics: dict[str, Any] = {}
+        # per-step state lives in a plain dict: nn.Module.__setattr__ is too slow for every step
+        self._now: dict[str, Any] = {"step": 0, "task_weight": 1.0, "losses": {}, "metrics": {}}
         self.teacher_loss = teacher_loss or default_teacher_loss
         self._models: dict[str, _Model] = {}
         self._taps: dict[Tap, str] = {}
         self._modules_of_taps: dict[Tap, nn.Module] = {}
         self._params: dict[Tap, torch.Tensor] = {}
         self._owned: dict[str, list[nn.Module]] = {}
-        self._last: dict[str, torch.Tensor] = {}
         self._undo: list[Callable[[], None]] = []
         self._recorder = Recorder()
         self._active_roles: list[str] = []
@@ -206,9 +205,23 @@ class Distiller(nn.Module):
         return zero
 
     @property
+    def step(self) -> int:
+        """Steps taken; an integration may set it from its own global step."""
+        return self._now["step"]
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._now["step"] = int(value)
+
+    @property
     def last_losses(self) -> dict[str, float]:
         """Each part of the last loss as a float: ``task``, every term (weighted) and ``total``."""
-        return {name: float(value) for name, value in self._last.items()}
+        return {name: float(value) for name, value in self._now["losses"].items()}
+
+    @property
+    def last_metrics(self) -> dict[str, Any]:
+        """Metrics the terms logged on the last step (``ctx.log``), not part of the loss."""
+        return self._now["metrics"]
 
     # --- the step ---------------------------------------------------------------------
 
@@ -216,7 +229,7 @@ class Distiller(nn.Module):
         if self._closed:
             raise RuntimeError("this Distiller is closed: its hooks are removed")
         self._set_step_values()
-        self.last_metrics = {}
+        self._now["metrics"] = {}
         ctx = LossContext(self, task_loss, extras)
         try:
             results = self._pm.hook.kdhooks_losses(ctx=ctx)
@@ -224,7 +237,7 @@ class Distiller(nn.Module):
             self._recorder.clear()
         parts: dict[str, torch.Tensor] = {}
         if task_loss is not None:
-            parts["task"] = self._task_weight_now * task_loss
+            parts["task"] = self._now["task_weight"] * task_loss
         for result in reversed(results):
             for name, value in (result or {}).items():
                 if name in parts:
@@ -232,14 +245,15 @@ class Distiller(nn.Module):
                                       fix="give the terms distinct `name:`s")
                 parts[name] = value
         total = sum(parts.values()) if parts else torch.zeros(())
-        self._last = {name: value.detach() for name, value in parts.items()}
-        self._last["total"] = total.detach()
-        self._pm.hook.kdhooks_step_end(distiller=self, losses=dict(self._last))
-        self.step += 1
+        losses = {name: value.detach() for name, value in parts.items()}
+        losses["total"] = total.detach()
+        self._now["losses"] = losses
+        self._pm.hook.kdhooks_step_end(distiller=self, losses=dict(losses))
+        self._now["step"] += 1
         return total
 
     def _set_step_values(self) -> None:
-        self._task_weight_now = value_at(self.task_weight, self.step)
+        self._now["task_weight"] = value_at(self.task_weight, self.step)
         for term in self.terms:
             term.set_step(self.step)
 

@@ -1,0 +1,69 @@
+"""Measuring helpers shared by the benchmarks: interleaved step timing and peak memory of one step."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each step function, run in alternating order so noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(warmup + repeats):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            steps[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_bytes(step: Callable[[], None]) -> int:
+    """Peak bytes allocated above the starting point while ``step`` runs.
+
+    On CUDA the allocator's own statistics; on CPU the running sum over the
+    profiler's memory timeline of allocations and frees (torch keeps no CPU
+    allocator statistics).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+def write_section(path: Path, marker: str, text: str) -> None:
+    """Put ``text`` between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in ``path``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    body = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text.strip()}\n{end}"
+    if start in body and end in body:
+        before, rest = body.split(start, 1)
+        body = before + block + rest.split(end, 1)[1]
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    path.write_text(body)
