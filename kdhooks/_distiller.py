@@ -14,6 +14,7 @@ from ._config import DistillConfig, build_terms, load_config, parse_number
 from ._context import LossContext, default_teacher_loss
 from ._errors import ConfigError, did_you_mean
 from ._manager import plugin_manager
+from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
 from ._recorder import Recorder, TapError
 from ._schedule import value_at
 from ._taps import Tap, resolve_module, resolve_parameter, shape_of
@@ -154,6 +155,8 @@ class Distiller(nn.Module):
             self._recorder.install(tap.role, {tap: self._modules_of_taps[tap]}, detach=not self.is_trainable(tap.role))
         if tap.kind == "grad" and not self.is_trainable(tap.role):
             self._models[tap.role].needs_grad = True
+            # its own loss is formed from its output: keep that capture in the graph
+            self._recorder.keep_graph.add(Tap(tap.role, "", "output"))
             self.add_tap(Tap(tap.role, "", "output"), location)
         if tap.kind == "attention":
             self._use_eager_attention(model, location)
@@ -184,8 +187,30 @@ class Distiller(nn.Module):
             key, n = f"{owner}#{n}", n + 1
         device = next((p.device for p in self.student.parameters()), None)
         table[key] = module.to(device) if device is not None else module
+        # features may arrive in autocast's dtype while the loss is formed outside autocast
+        module.register_forward_pre_hook(inputs_in_parameter_dtype, with_kwargs=True)
         self._owned.setdefault(owner, []).append(module)
         return module
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` in ``close()``: a plugin that hooks the user's model itself removes its hooks there.
+
+        Callbacks run after the Distiller's own hooks are gone, the last registered first.
+        """
+        if self._closed:
+            raise RuntimeError("this Distiller is closed: its hooks are removed")
+        self._undo.append(callback)
+
+    def wrap_call(self, role: str, wrapper: Callable[[TeacherCall], TeacherCall]) -> None:
+        """Run the model under ``role`` with ``wrapper(call)``, ``call`` being ``teacher_call=`` or a plain call.
+
+        Integrations use it to run an engine's wrapper of the model (FSDP, DeepSpeed) or to add a precision context.
+        """
+        if role not in self._models:
+            raise ConfigError(role, f"no model is attached as {role!r}", value=role,
+                              fix=did_you_mean(role, self._models) or f"roles: {', '.join(self._models)}")
+        model = self._models[role]
+        model.call = wrapper(model.call or _call_module)
 
     def parameter_of(self, tap: Tap) -> torch.Tensor:
         return self._params[tap]
@@ -226,6 +251,17 @@ class Distiller(nn.Module):
     # --- the step ---------------------------------------------------------------------
 
     def forward(self, task_loss: torch.Tensor | None = None, **extras: Any) -> torch.Tensor:
+        return self._step(task_loss, extras)[1]
+
+    def loss_parts(self, task_loss: torch.Tensor | None = None, **extras: Any) -> dict[str, torch.Tensor]:
+        """The step as ``kd(task_loss, **extras)`` takes it, but its weighted parts by name instead of their sum.
+
+        For an engine that adds and logs named losses itself (mmengine sums every ``loss*`` entry).
+        """
+        return self._step(task_loss, extras)[0]
+
+    def _step(self, task_loss: torch.Tensor | None,
+              extras: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if self._closed:
             raise RuntimeError("this Distiller is closed: its hooks are removed")
         self._set_step_values()
@@ -250,7 +286,7 @@ class Distiller(nn.Module):
         self._now["losses"] = losses
         self._pm.hook.kdhooks_step_end(distiller=self, losses=dict(losses))
         self._now["step"] += 1
-        return total
+        return parts, total
 
     def _set_step_values(self) -> None:
         self._now["task_weight"] = value_at(self.task_weight, self.step)
@@ -295,6 +331,8 @@ class Distiller(nn.Module):
         try:
             with torch.set_grad_enabled(grad):
                 if not model.trainable:
+                    # a teacher kept in lower precision than the student's inputs gets them in its dtype
+                    args, kwargs = cast_floats((args, kwargs), floating_dtype(model.module))
                     output = self._pm.hook.kdhooks_teacher_forward(distiller=self, role=role, args=args, kwargs=kwargs)
                     if output is not None:
                         return output
@@ -347,21 +385,30 @@ class Distiller(nn.Module):
     def _use_eager_attention(self, model: nn.Module, location: str) -> None:
         config = getattr(model, "config", None)
         current = getattr(config, "_attn_implementation", None)
-        if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        if current in (None, "eager"):
             return
+        cannot = ConfigError(location, f"attention taps need attention probabilities, which {current!r} "
+                             f"attention does not return, and this model cannot be switched to 'eager'",
+                             value=current, fix="load the model with attn_implementation='eager'")
+        if not hasattr(model, "set_attn_implementation"):
+            raise cannot
         warnings.warn(f"{location}: attention taps need attention probabilities, which "
                       f"{current!r} attention does not return; switching this model to 'eager' "
                       f"until close()", stacklevel=3)
         model.set_attn_implementation("eager")
+        if getattr(model.config, "_attn_implementation", None) != "eager":
+            # transformers only logs when a model does not support switching
+            raise cannot
         self._undo.append(lambda: model.set_attn_implementation(current))
 
     # --- state and lifetime -------------------------------------------------------------
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step}
+    def get_extra_state(self) -> torch.Tensor:
+        # a tensor, so that every checkpoint format (safetensors included) can hold the step
+        return torch.tensor(self.step)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+    def set_extra_state(self, state: torch.Tensor | dict[str, Any]) -> None:
+        self.step = int(state["step"] if isinstance(state, Mapping) else state)
         self._set_step_values()
 
     def close(self) -> None:
@@ -386,6 +433,10 @@ class Distiller(nn.Module):
     def extra_repr(self) -> str:
         terms = ", ".join(f"{t.name}({t.kind})" for t in getattr(self, "terms", []))
         return f"step={self.step}, terms=[{terms}]"
+
+
+def _call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    return module(*args, **kwargs)
 
 
 def _joins(factory: Callable, student_shape: tuple, teacher_shape: tuple) -> bool:
