@@ -107,11 +107,12 @@ class Distiller(nn.Module):
         return self._models[role].trainable
 
     def add_model(self, role: str, module: nn.Module, *, trainable: bool = False,
-                  call: TeacherCall | None = None) -> None:
+                  call: TeacherCall | None = None, owner: str | None = None) -> None:
         """Run ``module`` on the student's inputs every training step, under ``role``.
 
         A teacher (``trainable=False``) is frozen and kept in eval mode until
-        ``close()``; a trainable peer becomes a submodule of the Distiller.
+        ``close()``; a trainable peer becomes a submodule of the Distiller,
+        owned by the term ``owner`` (see ``zero_touching``).
         """
         if role in self._models:
             raise ConfigError(role, f"a model is already attached as {role!r}", fix="choose another role name")
@@ -122,6 +123,8 @@ class Distiller(nn.Module):
             return
         if trainable:
             self.peers[role] = module
+            if owner is not None:
+                self._owned.setdefault(owner, []).append(module)
             return
         was_training = module.training
         frozen = [p for p in module.parameters() if p.requires_grad]

@@ -71,7 +71,7 @@ class DeepMutualLearning(kdhooks.Term):
         self.roles = [*self.peers, *(next(free) for _ in range(self.copies))]
         models = [*self.peers.values(), *(reinitialized(distiller.student) for _ in range(self.copies))]
         for role, module in zip(self.roles, models):
-            distiller.add_model(role, module, trainable=True)
+            distiller.add_model(role, module, trainable=True, owner=self.name)
         super().kdhooks_configure(distiller)
 
     def taps(self) -> dict[str, kdhooks.Tap]:

@@ -330,3 +330,21 @@ def test_one_branches_a_token_model_with_a_dict_output():
         with torch.no_grad():
             torch.testing.assert_close(out["logits"], model.classifier(model.block(model.embed(tokens)).mean(1)))
     assert hook_count(model) == 0
+
+
+def test_dml_switched_off_by_its_schedule_still_gives_every_peer_a_gradient():
+    # DDP needs a gradient for every trainable parameter on every step
+    import torch.nn.functional as F
+
+    from kdhooks.demo import student_cnn
+
+    student = student_cnn()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    config = {"terms": [{"kind": "dml", "copies": 1,
+                         "weight": {"schedule": "step", "milestones": [1], "values": [1.0, 0.0]}}]}
+    with kdhooks.Distiller(student, None, config, example_inputs=x[:2]) as kd:
+        kd(F.cross_entropy(student(x), y), labels=y)
+        loss = kd(F.cross_entropy(student(x), y), labels=y)
+        assert kd.last_losses["dml"] == 0.0
+        loss.backward()
+        assert all(p.grad is not None for p in kd.peers.parameters())
