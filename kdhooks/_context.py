@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ._recorder import detached
 from ._taps import Tap, logits_of
 
 if TYPE_CHECKING:
@@ -40,6 +41,12 @@ class LossContext:
                            f"mode on this step's inputs before the loss was asked for?")
         if tap.kind == "grad":
             return self._gradient(tap, captures[tap])
+        if tap.kind == "attention" and captures[tap] is None:
+            # SDPA/flash attention return None with at most a warning: never train on nothing
+            raise ValueError(f"the {tap.role}'s {tap.module_path!r} returned no attention probabilities: "
+                             f"its attention implementation computes none; use attn_implementation='eager'")
+        if tap in self.distiller._recorder.keep_graph:
+            return detached(captures[tap])  # kept in the graph for a gradient only
         return captures[tap]
 
     def _gradient(self, tap: Tap, tensor: torch.Tensor) -> torch.Tensor:
@@ -53,7 +60,8 @@ class LossContext:
         else:
             output = self.distiller.captures[Tap(tap.role, "", "output")]
             loss = self.distiller.teacher_loss(output, self.extras)
-            (grad,) = torch.autograd.grad(loss, tensor)
+            # retained: another grad tap of this model may still need the graph this step
+            (grad,) = torch.autograd.grad(loss, tensor, retain_graph=True)
             grad = grad.detach()
         self._grads[tap] = grad
         return grad

@@ -43,6 +43,8 @@ class Recorder:
         self.captures: dict[Tap, Any] = {}
         self.recording: dict[str, bool] = defaultdict(bool)
         self.handles: list[RemovableHandle] = []
+        # captures of a detached role kept in the graph: a frozen teacher's output for its dL/dx
+        self.keep_graph: set[Tap] = set()
 
     def store(self, tap: Tap, value: Any, detach: bool) -> None:
         if detach:
@@ -101,10 +103,15 @@ class Recorder:
         return hook
 
     def _output_hook(self, role: str, taps: list[Tap], detach: bool):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if not self.recording[role]:
-                return
+                return None
+            replaced = None
             for tap in taps:
+                if (tap.kind == "grad" and not tap.selectors and isinstance(output, torch.Tensor)
+                        and not output.requires_grad and torch.is_grad_enabled()):
+                    # a frozen model has no graph up to here: dL/d(output) needs the output as a leaf
+                    output = replaced = output.detach().requires_grad_(True)
                 try:
                     value = select(output, tap.selectors)
                 except (LookupError, AttributeError, TypeError) as error:
@@ -114,7 +121,8 @@ class Recorder:
                 if tap.kind == "attention" and not tap.selectors and isinstance(value, (tuple, list)):
                     # attention modules return (output, probabilities, ...)
                     value = value[1] if len(value) > 1 else None
-                self.store(tap, value, detach=detach and tap.kind != "grad")
+                self.store(tap, value, detach=detach and tap.kind != "grad" and tap not in self.keep_graph)
+            return replaced
         return hook
 
     def _need_weights_hook(self, role: str):

@@ -1,0 +1,88 @@
+"""Shared by the feature-level terms: layer lists, the kind of a feature, resizing maps.
+
+A feature is a conv map (N, C, H, W), tokens (N, L, D) or vectors (N, D).
+Terms say which kinds their method has a meaning for; a pair of layers whose
+features cannot be compared is a ConfigError at attach time.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import kdhooks
+
+KINDS = {4: "conv map (N, C, H, W)", 3: "tokens (N, L, D)", 2: "vectors (N, D)"}
+
+
+def as_list(paths: str | list[str]) -> list[str]:
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def layer_pairs(term: kdhooks.Term, student: str | list[str], teacher: str | list[str]) -> list[tuple[str, str]]:
+    """(student path, teacher path) pairs from the ``student``/``teacher`` options, one path or equal lists."""
+    students, teachers = as_list(student), as_list(teacher)
+    if not students or len(students) != len(teachers):
+        raise kdhooks.ConfigError(term.location, f"term {term.name!r} pairs student and teacher layers one to one, "
+                                  f"got {len(students)} student and {len(teachers)} teacher layers",
+                                  value={"student": students, "teacher": teachers},
+                                  fix="list as many teacher layers as student layers")
+    return list(zip(students, teachers))
+
+
+def shape(value: Any) -> tuple[int, ...]:
+    """A capture's shape; a module that returns a tuple gives its first tensor's."""
+    while isinstance(value, list):
+        value = value[0]
+    return tuple(value)
+
+
+def tensor_of(value: Any) -> torch.Tensor:
+    """The feature in a capture: a module that returns a tuple (HF blocks) gives its first tensor."""
+    while isinstance(value, (list, tuple)):
+        value = value[0]
+    return value
+
+
+def check_kind(term: kdhooks.Term, pair: tuple[str, str], student_shape: tuple, teacher_shape: tuple,
+               kinds: tuple[int, ...], why: str) -> None:
+    """A ConfigError unless both features are of one kind (rank) that ``kinds`` allows."""
+    allowed = " or ".join(KINDS[k] for k in kinds)
+    for role, path, feature in (("student", pair[0], student_shape), ("teacher", pair[1], teacher_shape)):
+        if len(feature) not in kinds:
+            raise kdhooks.ConfigError(f"{term.location}.{role}", f"{term.kind} needs {allowed} features; the "
+                                      f"{role}'s {path!r} gives shape {feature}: {why}", value=path,
+                                      fix=f"tap a layer whose output is a {allowed}")
+    if len(student_shape) != len(teacher_shape):
+        raise kdhooks.ConfigError(term.location, f"{term.kind} compares features of one kind; the student's "
+                                  f"{pair[0]!r} is a {KINDS[len(student_shape)]} and the teacher's {pair[1]!r} a "
+                                  f"{KINDS[len(teacher_shape)]}", value=list(pair),
+                                  fix="pair conv layers with conv layers and token layers with token layers")
+
+
+def check_same_positions(term: kdhooks.Term, pair: tuple[str, str], student_shape: tuple,
+                         teacher_shape: tuple) -> None:
+    """Token features must have the same length: there is no meaningful way to resample tokens."""
+    if len(student_shape) == 3 and student_shape[1] != teacher_shape[1]:
+        raise kdhooks.ConfigError(term.location, f"{term.kind} compares token features position by position; the "
+                                  f"student's {pair[0]!r} has {student_shape[1]} tokens and the teacher's "
+                                  f"{pair[1]!r} {teacher_shape[1]}", value=list(pair),
+                                  fix="feed both models the same tokens (one tokenizer, same patch grid)")
+
+
+def resized(feature: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """A conv map (or a stack of 2-D maps) at spatial ``size``: average pooling down, bilinear up."""
+    if tuple(feature.shape[-2:]) == tuple(size):
+        return feature
+    if feature.shape[-2] >= size[0] and feature.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(feature, size)
+    return F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+
+
+def smaller_grid(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two conv maps pooled to the smaller of their spatial sizes; token features as they are."""
+    if first.dim() != 4 or first.shape[-2:] == second.shape[-2:]:
+        return first, second
+    size = (min(first.shape[-2], second.shape[-2]), min(first.shape[-1], second.shape[-1]))
+    return resized(first, size), resized(second, size)

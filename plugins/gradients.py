@@ -1,0 +1,56 @@
+"""Matching gradients: where a small change of the input would change the loss most."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import kdhooks
+
+from ._layers import shape
+
+
+def grad_at_loss(student_gradient: torch.Tensor, teacher_gradient: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """β/2 · ‖J_S/‖J_S‖₂ − J_T/‖J_T‖₂‖₂ per sample, averaged over samples; J = ∂L/∂x flattened per sample."""
+    student_map = F.normalize(student_gradient.float().flatten(1), dim=1)
+    teacher_map = F.normalize(teacher_gradient.float().flatten(1), dim=1)
+    return beta / 2 * (student_map - teacher_map).norm(dim=1).mean()
+
+
+class GradAT(kdhooks.Term):
+    """Gradient-based attention transfer (Zagoruyko & Komodakis 2017): β/2 ‖J_S/‖J_S‖ − J_T/‖J_T‖‖₂, J = ∂L/∂x.
+
+    J_S is the gradient of the task loss given to ``kd()`` with respect to the
+    student's input (``student: ""``) or a feature, kept in the graph (double
+    backpropagation); J_T is the teacher's, from ``Distiller(teacher_loss=...)``
+    (cross-entropy on ``labels`` by default), the teacher frozen. The paper
+    sets β per experiment; β = 1 here. Each step costs about one more student
+    backward and a teacher backward (docs/methods.md).
+    """
+
+    student: str = ""
+    teacher: str = ""
+    beta: float = 1.0
+
+    def taps(self) -> dict[str, kdhooks.Tap]:
+        return {"student_gradient": kdhooks.Tap("student", self.student, "grad", option="student"),
+                "teacher_gradient": kdhooks.Tap("teacher", self.teacher, "grad", option="teacher")}
+
+    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
+        student, teacher = shape(shapes["student_gradient"]), shape(shapes["teacher_gradient"])
+        if student[1:] != teacher[1:]:
+            raise kdhooks.ConfigError(self.location, f"grad_at compares gradient maps element by element; the "
+                                      f"student's {self.student or 'input'!r} has shape {student} and the teacher's "
+                                      f"{self.teacher or 'input'!r} {teacher}",
+                                      value={"student": self.student, "teacher": self.teacher},
+                                      fix="match input gradients (student: '', teacher: '') or layers of equal shape")
+
+    def loss(self, ctx: kdhooks.LossContext, student_gradient: torch.Tensor,
+             teacher_gradient: torch.Tensor) -> torch.Tensor:
+        return grad_at_loss(student_gradient, teacher_gradient, self.beta)
+
+
+@kdhooks.hookimpl
+def kdhooks_register(registry: kdhooks.Registry) -> None:
+    registry.add_term("grad_at", GradAT)
