@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread: the models in the tests are tiny, and launched workers must not oversubscribe 2 cores
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
