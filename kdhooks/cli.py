@@ -142,8 +142,21 @@ def parser() -> argparse.ArgumentParser:
 
     # integrations add their commands through the 'kdhooks.cli' entry-point group
     for ep in importlib.metadata.entry_points(group=CLI_GROUP):
-        ep.load()(commands)
+        try:
+            register = ep.load()
+        except ImportError as error:
+            # the integration's framework (an extra) is not installed: its command says so
+            missing = commands.add_parser(ep.name, help=f"unavailable: {error}")
+            missing.add_argument("rest", nargs=argparse.REMAINDER)
+            missing.set_defaults(run=lambda args, name=ep.name, error=error: _unavailable(name, error))
+            continue
+        register(commands)
     return top
+
+
+def _unavailable(name: str, error: ImportError) -> int:
+    print(f"kdhooks {name}: {error}; install it with: pip install 'kdhooks[{name}]'", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
