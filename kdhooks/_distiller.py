@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from ._manager import plugin_manager
 from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
 from ._recorder import Recorder, TapError
 from ._schedule import value_at
-from ._taps import Tap, resolve_module, resolve_parameter, shape_of
+from ._taps import Tap, resolve_module, resolve_parameter, shape_of, use_eager_attention
 
 TeacherCall = Callable[[nn.Module, tuple, dict], Any]
 
@@ -162,7 +161,9 @@ class Distiller(nn.Module):
             self._recorder.keep_graph.add(Tap(tap.role, "", "output"))
             self.add_tap(Tap(tap.role, "", "output"), location)
         if tap.kind == "attention":
-            self._use_eager_attention(model, location)
+            undo = use_eager_attention(model, location)
+            if undo is not None:
+                self._undo.append(undo)
 
     def add_connector(self, owner: str, student_shape: tuple, teacher_shape: tuple, kind: str = "auto",
                       location: str | None = None) -> nn.Module:
@@ -384,25 +385,6 @@ class Distiller(nn.Module):
                                   "or pick them out with a selector (path:index)")
             shapes[tap] = shape_of(captures[tap])
         return shapes
-
-    def _use_eager_attention(self, model: nn.Module, location: str) -> None:
-        config = getattr(model, "config", None)
-        current = getattr(config, "_attn_implementation", None)
-        if current in (None, "eager"):
-            return
-        cannot = ConfigError(location, f"attention taps need attention probabilities, which {current!r} "
-                             f"attention does not return, and this model cannot be switched to 'eager'",
-                             value=current, fix="load the model with attn_implementation='eager'")
-        if not hasattr(model, "set_attn_implementation"):
-            raise cannot
-        warnings.warn(f"{location}: attention taps need attention probabilities, which "
-                      f"{current!r} attention does not return; switching this model to 'eager' "
-                      f"until close()", stacklevel=3)
-        model.set_attn_implementation("eager")
-        if getattr(model.config, "_attn_implementation", None) != "eager":
-            # transformers only logs when a model does not support switching
-            raise cannot
-        self._undo.append(lambda: model.set_attn_implementation(current))
 
     # --- state and lifetime -------------------------------------------------------------
 

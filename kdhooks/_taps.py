@@ -1,7 +1,8 @@
 """Taps: what a plugin asks to record, and the hooks that record it."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,3 +140,24 @@ def to_dtype_shape_str(shape: Any) -> str:
     if isinstance(shape, tuple):
         return "(" + ", ".join(str(s) for s in shape) + ")"
     return str(shape)
+
+
+def use_eager_attention(model: nn.Module, location: str) -> Callable[[], None] | None:
+    """Switch a HF model to eager attention, the one that returns probabilities; returns the undo."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager"):
+        return None
+    cannot = ConfigError(location, f"attention taps need attention probabilities, which {current!r} "
+                         f"attention does not return, and this model cannot be switched to 'eager'",
+                         value=current, fix="load the model with attn_implementation='eager'")
+    if not hasattr(model, "set_attn_implementation"):
+        raise cannot
+    warnings.warn(f"{location}: attention taps need attention probabilities, which "
+                  f"{current!r} attention does not return; switching this model to 'eager' "
+                  f"until close()", stacklevel=3)
+    model.set_attn_implementation("eager")
+    if getattr(model.config, "_attn_implementation", None) != "eager":
+        # transformers only logs when a model does not support switching
+        raise cannot
+    return lambda: model.set_attn_implementation(current)

@@ -111,7 +111,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(requested: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; ``requested`` is the command about to run, the only integration command imported."""
     top = argparse.ArgumentParser(prog="kdhooks", description="Knowledge distillation for the loop you already have.")
     commands = top.add_subparsers(dest="command", required=True)
     commands.add_parser("plugins", help="list installed plugins and the kinds they provide").set_defaults(run=_plugins)
@@ -140,8 +141,14 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the learning-curve PNG")
     demo.set_defaults(run=_demo)
 
-    # integrations add their commands through the 'kdhooks.cli' entry-point group
+    # Integrations add their commands through the 'kdhooks.cli' entry-point group. Importing one
+    # imports its framework (mmdet takes seconds), so only the command asked for is loaded; the others
+    # are listed by name until then.
     for ep in importlib.metadata.entry_points(group=CLI_GROUP):
+        if ep.name != requested:
+            listed = commands.add_parser(ep.name, help=f"(from {ep.value.split(':')[0]})", add_help=False)
+            listed.add_argument("rest", nargs=argparse.REMAINDER)
+            continue
         try:
             register = ep.load()
         except ImportError as error:
@@ -160,7 +167,9 @@ def _unavailable(name: str, error: ImportError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    requested = next((word for word in argv if not word.startswith("-")), None)
+    args = parser(requested).parse_args(argv)
     try:
         return args.run(args)
     except ConfigError as error:

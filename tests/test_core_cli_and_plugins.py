@@ -73,3 +73,14 @@ def test_the_demo_runs_end_to_end_on_a_reduced_size(tmp_path, capsys):
     assert results["teacher"][0] > 0.6  # six epochs on 600 images already learn
     assert (tmp_path / "learning_curves.png").stat().st_size > 5000
     assert "student + KD" in capsys.readouterr().out
+
+
+def test_an_integration_command_is_imported_only_when_it_runs():
+    # 'kdhooks plugins' must not pay for importing mmdet; 'kdhooks mmdet' must find its command
+    code = ("import sys; from kdhooks.cli import main; main(['plugins']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmengine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mmdet", "--help"])
+    assert exit_info.value.code == 0
