@@ -31,6 +31,15 @@ def layer_pairs(term: kdhooks.Term, student: str | list[str], teacher: str | lis
     return list(zip(students, teachers))
 
 
+def pair_taps(pairs: list[tuple[str, str]], kind: str = "output") -> dict[str, kdhooks.Tap]:
+    """``student_i`` / ``teacher_i`` taps of kind ``kind`` for each layer pair, errors pointing at the options."""
+    taps = {}
+    for i, (student, teacher) in enumerate(pairs):
+        taps[f"student_{i}"] = kdhooks.Tap("student", student, kind, option="student")
+        taps[f"teacher_{i}"] = kdhooks.Tap("teacher", teacher, kind, option="teacher")
+    return taps
+
+
 def shape(value: Any) -> tuple[int, ...]:
     """A capture's shape; a module that returns a tuple gives its first tensor's."""
     while isinstance(value, list):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import check_kind, check_same_positions, layer_pairs, resized, shape, tensor_of
+from ._layers import check_kind, check_same_positions, layer_pairs, pair_taps, resized, shape, tensor_of
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -66,11 +66,7 @@ class AT(kdhooks.Term):
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
-        taps = {}
-        for i, (student, teacher) in enumerate(self.pairs):
-            taps[f"student_{i}"] = kdhooks.Tap("student", student, option="student")
-            taps[f"teacher_{i}"] = kdhooks.Tap("teacher", teacher, option="teacher")
-        return taps
+        return pair_taps(self.pairs)
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         for i, pair in enumerate(self.pairs):

@@ -9,7 +9,7 @@ from torch import nn
 
 import kdhooks
 
-from ._layers import check_kind, check_same_positions, layer_pairs, resized, shape, smaller_grid, tensor_of
+from ._layers import check_kind, check_same_positions, layer_pairs, pair_taps, resized, shape, smaller_grid, tensor_of
 
 
 def fitnets_loss(student_hint: torch.Tensor, teacher_guided: torch.Tensor) -> torch.Tensor:
@@ -92,11 +92,7 @@ class MMD(kdhooks.Term):
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
-        taps = {}
-        for i, (student, teacher) in enumerate(self.pairs):
-            taps[f"student_{i}"] = kdhooks.Tap("student", student, option="student")
-            taps[f"teacher_{i}"] = kdhooks.Tap("teacher", teacher, option="teacher")
-        return taps
+        return pair_taps(self.pairs)
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         for i, pair in enumerate(self.pairs):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import check_kind, check_same_positions, layer_pairs, shape, smaller_grid, tensor_of
+from ._layers import check_kind, check_same_positions, layer_pairs, pair_taps, shape, smaller_grid, tensor_of
 
 # --- relations between layers ------------------------------------------------------------
 
@@ -190,11 +190,7 @@ class SP(kdhooks.Term):
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
-        taps = {}
-        for i, (student, teacher) in enumerate(self.pairs):
-            taps[f"student_{i}"] = kdhooks.Tap("student", student, option="student")
-            taps[f"teacher_{i}"] = kdhooks.Tap("teacher", teacher, option="teacher")
-        return taps
+        return pair_taps(self.pairs)
 
     def loss(self, ctx: kdhooks.LossContext, **features: Any) -> torch.Tensor:
         count = len(self.pairs)

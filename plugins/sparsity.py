@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import layer_pairs, shape, tensor_of
+from ._layers import layer_pairs, pair_taps, shape, tensor_of
 
 
 def ab_loss(student_pre: torch.Tensor, teacher_pre: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -52,11 +52,7 @@ class AB(kdhooks.Term):
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
-        taps = {}
-        for i, (student, teacher) in enumerate(self.pairs):
-            taps[f"student_{i}"] = kdhooks.Tap("student", student, self.pre_activation, option="student")
-            taps[f"teacher_{i}"] = kdhooks.Tap("teacher", teacher, self.pre_activation, option="teacher")
-        return taps
+        return pair_taps(self.pairs, self.pre_activation)
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         for role in ("student", "teacher"):

@@ -9,7 +9,7 @@ from torch import nn
 
 import kdhooks
 
-from ._layers import layer_pairs
+from ._layers import layer_pairs, pair_taps
 
 
 class ParameterMap(nn.Module):
@@ -61,11 +61,7 @@ class Weights(kdhooks.Term):
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
-        taps = {}
-        for i, (student, teacher) in enumerate(self.pairs):
-            taps[f"student_{i}"] = kdhooks.Tap("student", student, "param", option="student")
-            taps[f"teacher_{i}"] = kdhooks.Tap("teacher", teacher, "param", option="teacher")
-        return taps
+        return pair_taps(self.pairs, "param")
 
     @kdhooks.hookimpl
     def kdhooks_build(self, distiller: kdhooks.Distiller, shapes: dict[Any, Any]) -> None:
