@@ -8,6 +8,7 @@ from ._context import LossContext
 from ._distiller import Distiller
 from ._errors import ConfigError, LossError
 from ._manager import PluginInfo, installed_plugins, plugin_manager
+from ._recorder import model_hook
 from ._registry import Registry
 from ._schedule import Schedule
 from ._taps import Tap, logits_of, module_table
@@ -32,6 +33,7 @@ __all__ = [
     "installed_plugins",
     "load_config",
     "logits_of",
+    "model_hook",
     "module_table",
     "plugin_manager",
 ]

@@ -14,7 +14,7 @@ from ._context import LossContext, default_teacher_loss
 from ._errors import ConfigError, did_you_mean
 from ._manager import plugin_manager
 from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
-from ._recorder import Recorder, TapError
+from ._recorder import Recorder, TapError, model_hook
 from ._schedule import value_at
 from ._taps import Tap, resolve_module, resolve_parameter, shape_of, use_eager_attention
 
@@ -306,8 +306,9 @@ class Distiller(nn.Module):
         for role, modules in by_role.items():
             self._recorder.install(role, modules, detach=not self.is_trainable(role))
         root = self.student
-        self._recorder.handles.append(root.register_forward_pre_hook(self._student_starts, with_kwargs=True, prepend=True))
-        self._recorder.handles.append(root.register_forward_hook(self._student_ends, always_call=True))
+        handles = self._recorder.handles
+        handles.append(root.register_forward_pre_hook(model_hook(self._student_starts), with_kwargs=True, prepend=True))
+        handles.append(root.register_forward_hook(model_hook(self._student_ends), always_call=True))
         self._installed = True
 
     def _student_starts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -8,7 +8,7 @@ the Distiller runs it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +34,37 @@ class TapError(LookupError):
     def __init__(self, tap: Tap):
         self.tap = tap
         super().__init__(f"cannot select {tap.path!r} from the {tap.role}'s output")
+
+
+class model_hook:  # noqa: N801 (used like a function: ``module.register_forward_hook(model_hook(fn))``)
+    """A hook for the user's model that stays behind in copies of it, doing nothing.
+
+    ``copy.deepcopy(model)`` (an EMA or SWA average, a born-again teacher) and
+    ``torch.save(model)`` copy a module's hooks; the copy is not the model being
+    distilled, so there the hook becomes one that returns None, which changes nothing.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Callable[..., None]:
+        return _inert
+
+    def __reduce__(self) -> tuple:
+        return _inert_hook, ()
+
+
+def _inert(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _inert_hook() -> Callable[..., None]:
+    return _inert
 
 
 class Recorder:
@@ -66,13 +97,14 @@ class Recorder:
                 outputs[module].append(tap)
         for module, taps in inputs.items():
             self.handles.append(module.register_forward_pre_hook(
-                self._input_hook(role, taps, detach), with_kwargs=True))
+                model_hook(self._input_hook(role, taps, detach)), with_kwargs=True))
         for module, taps in outputs.items():
             if any(t.kind == "attention" for t in taps) and isinstance(module, nn.MultiheadAttention):
                 self.handles.append(module.register_forward_pre_hook(
-                    self._need_weights_hook(role), with_kwargs=True))
+                    model_hook(self._need_weights_hook(role)), with_kwargs=True))
             # prepend: on the model's root, recording must happen before the Distiller switches it off
-            self.handles.append(module.register_forward_hook(self._output_hook(role, taps, detach), prepend=True))
+            self.handles.append(module.register_forward_hook(
+                model_hook(self._output_hook(role, taps, detach)), prepend=True))
 
     def _input_hook(self, role: str, taps: list[Tap], detach: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):

@@ -104,13 +104,14 @@ class BranchedHead:
         to answer with instead of branch 0's.
         """
         self._active_when, self._finish = active, finish
-        handles = [self.root.register_forward_pre_hook(self._starts),
-                   self.root.register_forward_hook(self._ends, prepend=True),
-                   self.split_module.register_forward_hook(self._fork)]
+        handles = [self.root.register_forward_pre_hook(kdhooks.model_hook(self._starts)),
+                   self.root.register_forward_hook(kdhooks.model_hook(self._ends), prepend=True),
+                   self.split_module.register_forward_hook(kdhooks.model_hook(self._fork))]
         for index, module in enumerate(self.head_modules):
             # prepended, so that taps of other terms on a head see branch 0 only
-            handles.append(module.register_forward_pre_hook(self._head_input(index), with_kwargs=True, prepend=True))
-            handles.append(module.register_forward_hook(self._head_output(index)))
+            handles.append(module.register_forward_pre_hook(kdhooks.model_hook(self._head_input(index)),
+                                                            with_kwargs=True, prepend=True))
+            handles.append(module.register_forward_hook(kdhooks.model_hook(self._head_output(index))))
         return lambda: [handle.remove() for handle in handles]
 
     # the hooks, in the order they fire

@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kdhooks
 from _models import TwoHeads, batch, pair
+from kdhooks.demo import DigitsCNN
 
 KD_FITNETS = {"task_weight": 0.5, "terms": [
     {"kind": "kd", "weight": 0.5, "temperature": 4},
@@ -242,3 +243,25 @@ def test_a_term_switched_off_keeps_its_connector_in_the_graph():
         assert kd.last_losses["fitnets"] == 0.0
         loss.backward()
         assert all(p.grad is not None for p in kd.connectors.parameters())
+
+
+@pytest.mark.parametrize("terms", [KD_FITNETS["terms"],
+                                   [{"kind": "one", "split": "stage2", "heads": ["stage3", "fc"], "branches": 2}]])
+def test_a_copy_of_a_distilled_model_is_a_plain_model(terms, tmp_path):
+    # EMA/SWA averages and born-again teachers deepcopy the model; torch.save(model) pickles it
+    student, teacher = pair()
+    x, y = batch()
+    with kdhooks.Distiller(student, teacher, {"terms": terms}, example_inputs=x[:2]) as kd:
+        average = torch.optim.swa_utils.AveragedModel(student)
+        copied = copy.deepcopy(student)
+        torch.save(student, tmp_path / "student.pt")
+        pickled = torch.load(tmp_path / "student.pt", weights_only=False)
+        for model in (copied, pickled, average.module):
+            plain = DigitsCNN(width=4)  # the same weights, never hooked
+            plain.load_state_dict(model.state_dict())
+            plain.train(), model.train()
+            torch.testing.assert_close(model(x), plain(x))
+            assert not kd.captures  # the copy records nothing into the Distiller
+        student.train()
+        kd(F.cross_entropy(student(x), y), labels=y)  # the original still distills
+        assert set(kd.last_losses) - {"task", "total"}
