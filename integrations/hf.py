@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -151,6 +152,16 @@ class DistillationMixin:
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        """``max_grad_norm`` clips the student and the Distiller's connectors as one set, as one loop would."""
+        own = [p for p in self.distiller.parameters() if p.requires_grad]
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        mixed_meshes = getattr(self, "_has_mixed_mesh_grads", lambda model: False)(model)
+        if not own or sharded or mixed_meshes:
+            # the engine clips its own parameters (the connectors are not sharded with them)
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *own], self.args.max_grad_norm)
 
     # --- the optimizer ------------------------------------------------------------------------
 

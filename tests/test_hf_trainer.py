@@ -222,3 +222,23 @@ def test_torchrun_two_processes_keep_the_connectors_in_step(tmp_path):
     assert ranks[0]["connector"] == ranks[1]["connector"]  # each rank saw other data, the gradients were averaged
     assert ranks[0]["log"] == ranks[1]["log"] and len(ranks[0]["log"]) == 2
     assert all("distill/hidden_states" in entry for entry in ranks[0]["log"])
+
+
+def test_max_grad_norm_clips_the_student_and_its_connectors_together(tmp_path):
+    teacher, student = tiny_bert(2, 32, heads=4, seed=1), tiny_bert(1, 16, seed=2)
+    norms = []
+
+    class _Norms(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            connectors = [p.grad for p in trainer.distiller.parameters() if p.grad is not None]
+            student_grads = [p.grad for p in student.parameters() if p.grad is not None]
+            norms.append((torch.nn.utils.get_total_norm(connectors).item(),
+                          torch.nn.utils.get_total_norm([*student_grads, *connectors]).item()))
+
+    trainer = DistillationTrainer(model=student, teacher=teacher, kd_config={"terms": [{"kind": "hidden_states"}]},
+                                  args=training_args(tmp_path, max_steps=3, max_grad_norm=1e-3),
+                                  train_dataset=sentiment_data(96, seed=5), callbacks=[_Norms()])
+    trainer.train()
+    assert len(norms) == 3
+    for connectors, total in norms:
+        assert 0 < connectors and total == pytest.approx(1e-3, rel=1e-3)
