@@ -36,7 +36,7 @@ __all__ = ["DISTILLER_STATE", "DistillationMixin", "DistillationTrainer", "with_
 DISTILLER_STATE = "kdhooks_distiller.pt"
 LOG_PREFIX = "distill/"
 # inputs the Trainer adds for the student's own loss; the teacher is never given them
-_STUDENT_ONLY = ("labels", "label", "label_ids", "num_items_in_batch", "return_loss")
+_STUDENT_ONLY = ("labels", "label", "label_ids", "num_items_in_batch", "return_loss", "fused_lm_head")
 
 
 class DistillationMixin:
@@ -101,8 +101,10 @@ class DistillationMixin:
                                         num_items_in_batch=num_items_in_batch)
         extras = dict(inputs)  # the parent may pop the labels
         if any(name in inputs for name in self.label_names) or self.compute_loss_func is not None:
-            task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                      num_items_in_batch=num_items_in_batch)
+            # outputs only when asked: TRL's SFTTrainer runs the model a second time to return them
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            task_loss, outputs = result if return_outputs else (result, None)
         else:
             # pure distillation on unlabeled text: the student runs, the terms are the loss
             outputs = model(**inputs)

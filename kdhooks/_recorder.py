@@ -31,9 +31,9 @@ def detached(value: Any) -> Any:
 class TapError(LookupError):
     """A selector that does not fit the recorded output; carries the tap."""
 
-    def __init__(self, tap: Tap):
+    def __init__(self, tap: Tap, reason: str = ""):
         self.tap = tap
-        super().__init__(f"cannot select {tap.path!r} from the {tap.role}'s output")
+        super().__init__(f"cannot select {tap.path!r} from the {tap.role}'s output" + (f": {reason}" if reason else ""))
 
 
 class model_hook:  # noqa: N801 (used like a function: ``module.register_forward_hook(model_hook(fn))``)
@@ -150,6 +150,10 @@ class Recorder:
                     raise TapError(tap) from error
                 if tap.wants_logits:
                     value = logits_of(value)
+                    if value is None or hasattr(value, "keys"):
+                        raise TapError(tap, f"this {type(output).__name__} holds no logits (a fused LM head, as in "
+                                       f"TRL's SFTTrainer, never builds them); lm_kd can form them from the "
+                                       f"hidden states: set student_head and student_hidden")
                 if tap.kind == "attention" and not tap.selectors and isinstance(value, (tuple, list)):
                     # attention modules return (output, probabilities, ...)
                     value = value[1] if len(value) > 1 else None

@@ -10,6 +10,7 @@ which the HF integration passes on. No transformers import here.
 """
 from __future__ import annotations
 
+import difflib
 import warnings
 from typing import Annotated, Any, Literal
 
@@ -117,6 +118,15 @@ def layer_pairs(layer_map: LayerMap, student_layers: int, teacher_layers: int, *
 
 def _first_tensor(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _hidden_tensor(value: Any) -> torch.Tensor:
+    """Hidden states from a capture: the tensor, a backbone's ``last_hidden_state`` or its first item."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "keys"):
+        return value["last_hidden_state"] if "last_hidden_state" in value.keys() else next(iter(value.values()))
+    return value[0]
 
 
 def _shape(shape: Any) -> tuple:
@@ -270,7 +280,14 @@ class AttentionMaps(_LayerTerm):
 
 
 class LMKD(kdhooks.Term):
-    """Token-level LM KD: forward/reverse KL, generalized JSD(β) of GKD (Agarwal et al. 2024), total variation."""
+    """Token-level LM KD: forward/reverse KL, generalized JSD(β) of GKD (Agarwal et al. 2024), total variation.
+
+    With ``student_head`` (``lm_head``) the logits are formed a chunk at a time
+    from the head's weights and the hidden states that feed it: by default the
+    head's input; ``student_hidden`` names another output that holds them (the
+    backbone's, ``model``), for a model whose head module is never called, as
+    under TRL's fused LM head. The same for the teacher.
+    """
 
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
     beta: Annotated[float, Field(ge=0, le=1)] = 0.5
@@ -283,27 +300,55 @@ class LMKD(kdhooks.Term):
     teacher: str = "logits"
     student_head: str | None = None
     teacher_head: str | None = None
+    student_hidden: str | None = None
+    teacher_hidden: str | None = None
 
     def taps(self) -> dict[str, kdhooks.Tap]:
-        # with a head path, the head's input is recorded and logits are formed a chunk at a time
-        return {"student_output": kdhooks.Tap("student", self.student_head, "input") if self.student_head
-                else kdhooks.Tap("student", self.student),
-                "teacher_output": kdhooks.Tap("teacher", self.teacher_head, "input") if self.teacher_head
-                else kdhooks.Tap("teacher", self.teacher)}
+        return {f"{role}_output": self._tap(role) for role in ("student", "teacher")}
+
+    def _tap(self, role: str) -> kdhooks.Tap:
+        head, hidden = getattr(self, f"{role}_head"), getattr(self, f"{role}_hidden")
+        if hidden and not head:
+            raise kdhooks.ConfigError(f"{self.location}.{role}_hidden", f"{role}_hidden names the hidden states "
+                                      f"that feed {role}_head, which is not set", value=hidden,
+                                      fix=f"set {role}_head (e.g. lm_head)")
+        if hidden:
+            return kdhooks.Tap(role, hidden, option=f"{role}_hidden")
+        if head:
+            return kdhooks.Tap(role, head, "input", option=f"{role}_head")
+        return kdhooks.Tap(role, getattr(self, role), option=role)
 
     def __post_init__(self) -> None:
         self._heads: dict[str, nn.Module] = {}
 
-    def _side(self, ctx: kdhooks.LossContext, role: str, value: torch.Tensor) -> torch.Tensor | LinearHead:
-        head_path = self.student_head if role == "student" else self.teacher_head
-        if not head_path:
+    def _side(self, ctx: kdhooks.LossContext, role: str, value: Any) -> torch.Tensor | LinearHead:
+        if not getattr(self, f"{role}_head"):
             return value
+        hidden = _hidden_tensor(value)
         if role not in self._heads:
-            self._heads[role] = kdhooks.module_table(ctx.distiller.model(role))[head_path]
+            self._heads[role] = self._head(ctx.distiller, role, hidden.shape[-1])
         weight, bias = self._heads[role].weight, self._heads[role].bias
         if role != "student":
             weight, bias = weight.detach(), None if bias is None else bias.detach()
-        return LinearHead(value, weight, bias)
+        return LinearHead(hidden, weight, bias)
+
+    def _head(self, distiller: kdhooks.Distiller, role: str, width: int) -> nn.Module:
+        """The output layer at ``<role>_head``, checked against the width of the hidden states that feed it."""
+        head_path = getattr(self, f"{role}_head")
+        table = kdhooks.module_table(distiller.model(role))
+        linear = [path for path, module in table.items()
+                  if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2]
+        if head_path not in linear:
+            closest = difflib.get_close_matches(head_path, linear) or linear[-1:]
+            raise kdhooks.ConfigError(f"{self.location}.{role}_head", f"the {role} has no linear output layer "
+                                      f"at {head_path!r}", value=head_path, fix=f"name its LM head: {closest}")
+        head = table[head_path]
+        if head.weight.shape[1] != width:
+            raise kdhooks.ConfigError(f"{self.location}.{role}_hidden", f"the {role}'s hidden states have {width} "
+                                      f"features and its head {head_path!r} takes {head.weight.shape[1]}",
+                                      value=getattr(self, f"{role}_hidden"),
+                                      fix="name the output that feeds the head (the backbone, e.g. `model`)")
+        return head
 
     def loss(self, ctx: kdhooks.LossContext, student_output: torch.Tensor,
              teacher_output: torch.Tensor) -> torch.Tensor:

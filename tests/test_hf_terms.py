@@ -78,15 +78,33 @@ def test_chunked_equals_unchunked_in_value_and_gradient(divergence):
 def test_lm_kd_from_the_output_layer_equals_lm_kd_from_logits():
     teacher, batch = tiny_llama(2, 32, seed=1), lm_batch()
     values = []
-    for heads in ({}, {"student_head": "lm_head", "teacher_head": "lm_head"}):
+    for heads in ({}, {"student_head": "lm_head", "teacher_head": "lm_head"},
+                  {"student_head": "lm_head", "student_hidden": "model", "teacher_head": "lm_head",
+                   "teacher_hidden": "model:last_hidden_state"}):
         student = tiny_llama(1, 16, seed=2)
         config = {"terms": [{"kind": "lm_kd", "divergence": "jsd", "chunk_size": 5, **heads}]}
         with kdhooks.Distiller(student, teacher, config, example_inputs=batch) as kd:
             student.train()
             kd(student(**batch).loss, **batch).backward()
             values.append((kd.last_losses["lm_kd"], student.lm_head.weight.grad.clone()))
-    assert values[0][0] == pytest.approx(values[1][0], rel=1e-5)
-    torch.testing.assert_close(values[0][1], values[1][1], rtol=1e-4, atol=1e-6)
+    for value, grad in values[1:]:
+        assert values[0][0] == pytest.approx(value, rel=1e-5)
+        torch.testing.assert_close(values[0][1], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, location, says", [
+    ({"student_hidden": "model"}, "terms[0].student_hidden", "student_head"),
+    ({"student_head": "lm_haed"}, "terms[0].student_head", "'lm_head'"),
+    ({"student_head": "lm_head", "student_hidden": "model.layers.0.mlp.up_proj"}, "terms[0].student_hidden", "32"),
+])
+def test_lm_kd_head_options_that_cannot_work(options, location, says):
+    teacher, student, batch = tiny_llama(2, 32, seed=1), tiny_llama(1, 16, seed=2), lm_batch()
+    with pytest.raises(kdhooks.ConfigError) as error:
+        with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "lm_kd", **options}]},
+                               example_inputs=batch) as kd:
+            student.train()
+            kd(student(**batch).loss, **batch)
+    assert error.value.location == location and says in str(error.value)
 
 
 def test_hidden_states_and_attention_maps_equal_their_formulas():
