@@ -2,7 +2,7 @@
 # Builds mmcv with its compiled ops from the PyPI source distribution, for the torch of the active Python
 # environment, into a wheel cache that scripts/setup.sh and `pip install --find-links` reuse.
 #
-#   . .venv/bin/activate && scripts/build_mmcv.sh    # CPU ops: about 20 minutes on 2 idle cores (up to 70)
+#   . .venv/bin/activate && scripts/build_mmcv.sh    # CPU ops: 8 min measured on 2 cores (20+ when busy)
 #   scripts/build_mmcv.sh --cuda                      # CUDA ops too (nvcc matching torch's CUDA must be installed)
 #   pip install --find-links ~/.cache/kdhooks/wheels -e ".[mmdet]"
 #
