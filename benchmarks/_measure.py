@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 
-def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each step function, run in alternating order so noise hits all alike."""
+def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each call of each step function, run in alternating order so noise hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for i in range(warmup + repeats):
@@ -24,7 +24,20 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warm
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each step function (see ``interleaved_times``)."""
+    return {name: statistics.median(values) for name, values in interleaved_times(steps, repeats, warmup).items()}
+
+
+def paired_ratio(times: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the ratios of calls made side by side: a slow spell of a shared machine
+    hits both calls of a pair, so it cancels in their ratio where it would shift one median."""
+    ratios = sorted(t / b for t, b in zip(times, baseline))
+    quartiles = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), quartiles[0], quartiles[2]
 
 
 def peak_bytes(step: Callable[[], None]) -> int:

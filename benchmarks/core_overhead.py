@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from kdhooks.demo import KD_FITNETS_CONFIG, digits_tensors, student_cnn, teacher
 from kdhooks.plugins.logits import kd_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import interleaved_medians, peak_bytes, write_section  # noqa: E402
+from _measure import interleaved_times, paired_ratio, peak_bytes, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -72,12 +73,13 @@ def main() -> None:
 
     first_a, first_b = hand_written().item(), with_kdhooks().item()
     assert abs(first_a - first_b) < 1e-5 * max(1.0, abs(first_a)), (first_a, first_b)
-    medians = interleaved_medians({"hand-written": hand_written, "kdhooks": with_kdhooks},
-                                  repeats=args.steps, warmup=args.warmup)
+    times = interleaved_times({"hand-written": hand_written, "kdhooks": with_kdhooks},
+                              repeats=args.steps, warmup=args.warmup)
+    medians = {name: statistics.median(values) for name, values in times.items()}
     memory = {"hand-written": peak_bytes(hand_written), "kdhooks": peak_bytes(with_kdhooks)}
     kd.close()
 
-    time_ratio = medians["kdhooks"] / medians["hand-written"]
+    time_ratio, low, high = paired_ratio(times["kdhooks"], times["hand-written"])
     memory_ratio = memory["kdhooks"] / memory["hand-written"]
     command = (f"python benchmarks/core_overhead.py --batch {args.batch} --steps {args.steps} "
                f"--warmup {args.warmup} --threads {args.threads}")
@@ -85,7 +87,8 @@ def main() -> None:
 
 Digits CNN pair (teacher width 32, student width 4), batch {args.batch}, KD (T=4) + FitNets (stage2 → stage2,
 1x1 conv regressor), SGD. Both loops start from the same weights and compute the same loss (first step:
-{first_a:.6f} vs {first_b:.6f}); {args.steps} interleaved steps after {args.warmup} warm-up steps, medians.
+{first_a:.6f} vs {first_b:.6f}); {args.steps} interleaved steps after {args.warmup} warm-up steps, medians;
+the time ratio is the median of the ratios of steps run side by side (quartiles {low:.3f}–{high:.3f}).
 Device: {device.type} ({platform.processor() or platform.machine()}, {args.threads} thread(s)), torch {torch.__version__}.
 
 | | hand-written | kdhooks | ratio (target) |

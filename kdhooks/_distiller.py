@@ -1,6 +1,8 @@
 """The Distiller: attaches to a student and its teachers, returns the distillation loss."""
 from __future__ import annotations
 
+import functools
+import operator
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -277,14 +279,15 @@ class Distiller(nn.Module):
             self._recorder.clear()
         parts: dict[str, torch.Tensor] = {}
         if task_loss is not None:
-            parts["task"] = self._now["task_weight"] * task_loss
+            task_weight = self._now["task_weight"]
+            parts["task"] = task_loss if task_weight == 1 else task_weight * task_loss
         for result in reversed(results):
             for name, value in (result or {}).items():
                 if name in parts:
                     raise ConfigError(name, f"two plugins return a loss named {name!r}",
                                       fix="give the terms distinct `name:`s")
                 parts[name] = value
-        total = sum(parts.values()) if parts else torch.zeros(())
+        total = functools.reduce(operator.add, parts.values()) if parts else torch.zeros(())
         losses = {name: value.detach() for name, value in parts.items()}
         losses["total"] = total.detach()
         self._now["losses"] = losses

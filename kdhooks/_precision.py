@@ -27,6 +27,8 @@ def cast_floats(value: Any, dtype: torch.dtype | None) -> Any:
     """``value`` with every floating-point tensor in it (tuples, lists, dicts) cast to ``dtype``."""
     if dtype is None:
         return value
+    if not _has_other_floats(value, dtype):
+        return value  # the common case: nothing to cast, nothing rebuilt
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
@@ -34,6 +36,16 @@ def cast_floats(value: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(value, Mapping):
         return {k: cast_floats(v, dtype) for k, v in value.items()}
     return value
+
+
+def _has_other_floats(value: Any, dtype: torch.dtype) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dtype != dtype and value.is_floating_point()
+    if isinstance(value, (list, tuple)):
+        return any(_has_other_floats(v, dtype) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_other_floats(v, dtype) for v in value.values())
+    return False
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -20,7 +20,8 @@ from ._taps import Tap, logits_of, select
 
 def detached(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        # a frozen teacher's outputs under no_grad have no graph to cut: skip the op
+        return value.detach() if value.requires_grad else value
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(detached(v) for v in value)
     if isinstance(value, Mapping):

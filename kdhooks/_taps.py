@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -46,17 +47,18 @@ class Tap:
             raise ConfigError("tap", f"unknown capture policy {self.policy!r}", value=self.policy,
                               fix=f"use one of {POLICIES}")
 
-    @property
+    # cached: the recording hooks read these on every call (a frozen dataclass still has a __dict__)
+    @cached_property
     def module_path(self) -> str:
         path = self.path.split(":", 1)[0]
         return "" if path == "logits" else path
 
-    @property
+    @cached_property
     def selectors(self) -> tuple[str, ...]:
         parts = self.path.split(":")
         return tuple(p for p in parts[1:] if p)
 
-    @property
+    @cached_property
     def wants_logits(self) -> bool:
         return self.path.split(":", 1)[0] == "logits"
 

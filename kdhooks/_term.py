@@ -88,5 +88,11 @@ class Term(Options):
         captures = {name: ctx[tap] for name, tap in self._taps.items()}
         value = self.loss(ctx, **captures)
         if isinstance(value, dict):
-            return {f"{self.name}.{part}" if part else self.name: self.weight * v for part, v in value.items()}
-        return {self.name: self.weight * value}
+            return {f"{self.name}.{part}" if part else self.name: _weighted(self.weight, v)
+                    for part, v in value.items()}
+        return {self.name: _weighted(self.weight, value)}
+
+
+def _weighted(weight: float, value: torch.Tensor) -> torch.Tensor:
+    # weight 1 is the common case: no scalar op in the graph for it
+    return value if weight == 1 else weight * value

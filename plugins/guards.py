@@ -1,21 +1,22 @@
 """Guards around the loss: a NaN or infinite term stops training with its name and step."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 import kdhooks
 
 
-@kdhooks.hookimpl(wrapper=True)
-def kdhooks_losses(ctx: kdhooks.LossContext):
-    results = yield
-    values = [(name, value) for result in results if result for name, value in result.items()]
-    if not values:
-        return results
-    # one check and one host sync for all terms; names are looked up only on failure
-    finite = torch.isfinite(torch.stack([v.detach().float().sum() for _, v in values])).all()
-    if not bool(finite):
-        for name, value in values:
-            if not torch.isfinite(value.detach()).all():
-                raise kdhooks.LossError(name, ctx.step, float(value.detach().float().sum()))
-    return results
+@kdhooks.hookimpl(tryfirst=True)
+def kdhooks_step_end(distiller: kdhooks.Distiller, losses: dict[str, torch.Tensor]) -> None:
+    # A non-finite part makes the total non-finite (NaN or ±inf spread through the sum), so one check
+    # and one host sync cover every term; the parts are looked at only on failure, before backward
+    # and before any other plugin's step_end sees the values.
+    total = losses.get("total")
+    if total is None or (math.isfinite(total.item()) if total.numel() == 1 else bool(torch.isfinite(total).all())):
+        return
+    terms_first = [name for name in losses if name not in ("task", "total")] + ["task"]
+    for name in terms_first:
+        if name in losses and not bool(torch.isfinite(losses[name]).all()):
+            raise kdhooks.LossError(name, distiller.step, float(losses[name].float().sum()))

@@ -229,6 +229,13 @@ def test_nan_term_raises_loss_error_naming_term_and_step():
         kd(F.cross_entropy(student(x), y))
         with pytest.raises(kdhooks.LossError, match=r"'kd' is nan at step 1"):
             kd(F.cross_entropy(student(x * float("nan")), y))
+        student(x)
+        with pytest.raises(kdhooks.LossError, match=r"'task' is inf at step 1"):
+            kd(torch.tensor(float("inf")))  # the terms are finite: the task loss is named
+    config = {"terms": [{"kind": "kd"}], "disable_plugins": ["guards"]}
+    with kdhooks.Distiller(student, teacher, config) as kd:
+        student(x)
+        assert torch.isinf(kd(torch.tensor(float("inf"))))
 
 
 def test_a_term_switched_off_keeps_its_connector_in_the_graph():
