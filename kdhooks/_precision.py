@@ -15,12 +15,18 @@ import torch
 from torch import nn
 
 
+def first_floating_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The module's first floating-point parameter (its own first: cheaper than ``parameters()``)."""
+    for param in module._parameters.values():
+        if param is not None and param.is_floating_point():
+            return param
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
+
+
 def floating_dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype of the module's first floating-point parameter (None if it has none)."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return None
+    param = first_floating_parameter(module)
+    return None if param is None else param.dtype
 
 
 def cast_floats(value: Any, dtype: torch.dtype | None) -> Any:
@@ -60,7 +66,7 @@ def inputs_in_parameter_dtype(module: nn.Module, args: tuple, kwargs: dict) -> t
 
     Under autocast the inputs are left alone: autocast itself picks each op's dtype.
     """
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    param = first_floating_parameter(module)
     if param is None or _autocast_on(param.device.type):
         return None
     return cast_floats(args, param.dtype), cast_floats(kwargs, param.dtype)

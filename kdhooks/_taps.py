@@ -39,6 +39,18 @@ class Tap:
     policy: str = "last"
     option: str | None = field(default=None, compare=False)
 
+    def __hash__(self) -> int:
+        # taps key the captures: hashed several times a step, so once per tap
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            value = self.__dict__["_hash"] = hash((self.role, self.path, self.kind, self.policy))
+            return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # string hashes differ between processes: a pickled tap recomputes its own
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def __post_init__(self) -> None:
         if self.kind not in TAP_KINDS:
             raise ConfigError("tap", f"unknown tap kind {self.kind!r}", value=self.kind,
