@@ -16,15 +16,6 @@ from kdhooks.plugins.nlp import LinearHead, layer_pairs, lm_kd_loss, lm_token_ma
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on shared cores OpenMP's waiting costs 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lm_batch() -> dict[str, torch.Tensor]:
     items = lm_data(4, seed=5)
     batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}

@@ -21,14 +21,6 @@ from kdhooks.integrations.hf import DISTILLER_STATE, DistillationTrainer, with_d
 transformers.logging.set_verbosity_error()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on shared cores OpenMP's waiting costs 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 TINYBERT = {"task_weight": 0.5,
             "terms": [{"kind": "kd", "weight": 0.5, "temperature": 2.0},
                       {"kind": "hidden_states", "weight": 0.1},

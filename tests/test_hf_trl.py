@@ -6,6 +6,7 @@ import torch
 import transformers
 from _hf import LENGTH, VOCAB, lm_data, tiny_llama
 
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
