@@ -272,3 +272,27 @@ def test_a_copy_of_a_distilled_model_is_a_plain_model(terms, tmp_path):
         student.train()
         kd(F.cross_entropy(student(x), y), labels=y)  # the original still distills
         assert set(kd.last_losses) - {"task", "total"}
+
+
+def test_a_compiled_student_distills_as_the_plain_one():
+    # torch.compile wraps the model (paths gain '_orig_mod.') and dynamo traces the hooks; aot_eager
+    # exercises both without inductor's minute of C++ compilation
+    student, teacher = pair()
+    x, y = batch()
+    plain = copy.deepcopy(student)
+    with kdhooks.Distiller(plain, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        plain.train()
+        expected = kd(F.cross_entropy(plain(x), y), labels=y)
+        connectors = kd.state_dict()
+    compiled = torch.compile(student, backend="aot_eager")
+    with kdhooks.Distiller(compiled, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        kd.load_state_dict(connectors)
+        compiled.train()
+        loss = kd(F.cross_entropy(compiled(x), y), labels=y)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert all(p.grad is not None for p in kd.parameters())
+        assert all(p.grad is not None for p in student.parameters())
+    assert hook_count(student) == 0
+    compiled(x)  # after close: recompiled without the hooks, nothing recorded
+    assert not kd.captures
