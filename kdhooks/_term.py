@@ -1,11 +1,12 @@
 """The loss term: options as typed fields, taps, a formula."""
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ._errors import ConfigError
+from ._errors import ConfigError, did_you_mean
 from ._options import Options
 from ._schedule import Schedule, value_at
 from .hookspecs import hookimpl
@@ -23,11 +24,14 @@ class Term(Options):
     connectors from the dry pass's shapes, and ``loss(ctx, **captures)`` is the
     paper's formula on the captured tensors. The Distiller multiplies the result
     by ``weight``; any numeric option, ``weight`` included, may be a schedule.
+    ``teacher_role`` picks, among several teachers (``Distiller(student,
+    {"resnet": t1, "vit": t2})``), the one that the term's ``teacher`` taps read.
     """
 
     kind: ClassVar[str] = ""
     name: str = ""
     weight: float = 1.0
+    teacher_role: str = "teacher"
 
     # set by the Distiller
     location: ClassVar[str] = "terms"
@@ -44,6 +48,10 @@ class Term(Options):
         raise TypeError(f"term {type(self).__name__} does not define loss()")
 
     # --- lifecycle, as pluggy hooks -------------------------------------------------
+
+    def role(self, role: str) -> str:
+        """The attached model that this term's ``role`` names: ``teacher`` is ``teacher_role``."""
+        return self.teacher_role if role == "teacher" else role
 
     def scheduled(self) -> dict[str, Schedule]:
         """The options that follow a schedule, by option name."""
@@ -63,7 +71,12 @@ class Term(Options):
     def kdhooks_configure(self, distiller: Distiller) -> None:
         self._schedules = self.scheduled()
         self.set_step(distiller.step)
-        self._taps = self.taps()
+        if self.teacher_role != "teacher" and self.teacher_role not in distiller.roles:
+            raise ConfigError(f"{self.location}.teacher_role", f"no teacher is attached as {self.teacher_role!r}",
+                              value=self.teacher_role, fix=did_you_mean(self.teacher_role, distiller.roles)
+                              or f"attached: {', '.join(distiller.roles)}")
+        self._taps = {name: dataclasses.replace(tap, role=self.teacher_role) if tap.role == "teacher" else tap
+                      for name, tap in self.taps().items()}
         for tap in self._taps.values():
             option = tap.option or self._option_holding(tap.path)
             where = f"{self.location}.{option}" if option else self.location

@@ -140,7 +140,7 @@ class _LayerTerm(kdhooks.Term):
     teacher_layers: str = "auto"
 
     def _stack(self, distiller: kdhooks.Distiller, role: str) -> tuple[str, int]:
-        model, option = distiller.model(role), f"{role}_layers"
+        model, option = distiller.model(self.role(role)), f"{role}_layers"
         path = getattr(self, option)
         if path == "auto":
             path = layer_stack(model)
@@ -225,7 +225,7 @@ class AttentionMaps(_LayerTerm):
                                  location=f"{self.location}.layer_map")
         self._attention = {}
         for role, stack in (("student", self._student_stack), ("teacher", self._teacher_stack)):
-            block = kdhooks.module_table(distiller.model(role))[f"{stack}.0"]
+            block = kdhooks.module_table(distiller.model(self.role(role)))[f"{stack}.0"]
             path = attention_module(block) if self.attention == "auto" else self.attention
             if not path:
                 raise kdhooks.ConfigError(f"{self.location}.attention", f"no attention module found in the "
@@ -335,7 +335,7 @@ class LMKD(kdhooks.Term):
     def _head(self, distiller: kdhooks.Distiller, role: str, width: int) -> nn.Module:
         """The output layer at ``<role>_head``, checked against the width of the hidden states that feed it."""
         head_path = getattr(self, f"{role}_head")
-        table = kdhooks.module_table(distiller.model(role))
+        table = kdhooks.module_table(distiller.model(self.role(role)))
         linear = [path for path, module in table.items()
                   if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2]
         if head_path not in linear:

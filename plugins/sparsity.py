@@ -56,7 +56,7 @@ class AB(kdhooks.Term):
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         for role in ("student", "teacher"):
-            modules = kdhooks.module_table(distiller.model(role))
+            modules = kdhooks.module_table(distiller.model(self.role(role)))
             for pair in self.pairs:
                 path = (pair[0] if role == "student" else pair[1]).split(":", 1)[0]
                 if self.pre_activation == "input" and getattr(modules.get(path), "inplace", False):

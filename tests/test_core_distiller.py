@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import kdhooks
 from _models import TwoHeads, batch, pair
 from kdhooks.demo import DigitsCNN
+from kdhooks.plugins.logits import kd_loss
 
 KD_FITNETS = {"task_weight": 0.5, "terms": [
     {"kind": "kd", "weight": 0.5, "temperature": 4},
@@ -296,3 +297,30 @@ def test_a_compiled_student_distills_as_the_plain_one():
     assert hook_count(student) == 0
     compiled(x)  # after close: recompiled without the hooks, nothing recorded
     assert not kd.captures
+
+
+def test_several_teachers_each_term_reading_its_own():
+    student, wide = pair()
+    torch.manual_seed(3)
+    other = DigitsCNN(width=16)
+    x, y = batch()
+    config = {"task_weight": 0.0, "terms": [
+        {"kind": "kd", "name": "kd_wide", "teacher_role": "wide", "weight": 0.3},
+        {"kind": "kd", "name": "kd_other", "teacher_role": "other", "weight": 0.7},
+        {"kind": "fitnets", "teacher_role": "other", "student": "stage2", "teacher": "stage2"}]}
+    with kdhooks.Distiller(student, {"wide": wide, "other": other}, config, example_inputs=x[:2]) as kd:
+        assert kd.connectors["fitnets"][0].out_channels == 32  # sized on the 'other' teacher (16 · 2)
+        student.train()
+        logits = student(x)
+        kd(F.cross_entropy(logits, y), labels=y)
+        with torch.no_grad():
+            by_hand = {name: kd_loss(logits, teacher(x), 4.0).item() * weight
+                       for name, teacher, weight in (("kd_wide", wide, 0.3), ("kd_other", other, 0.7))}
+        assert kd.last_losses["kd_wide"] == pytest.approx(by_hand["kd_wide"], rel=1e-5)
+        assert kd.last_losses["kd_other"] == pytest.approx(by_hand["kd_other"], rel=1e-5)
+        assert not wide.training and not other.training
+    config["terms"][0]["teacher_role"] = "wid"
+    with pytest.raises(kdhooks.ConfigError) as error:
+        kdhooks.Distiller(student, {"wide": wide, "other": other}, config, example_inputs=x[:2])
+    assert error.value.location == "terms[0].teacher_role" and "'wide'" in str(error.value)
+    assert hook_count(student) == hook_count(wide) == hook_count(other) == 0
