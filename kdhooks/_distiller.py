@@ -13,12 +13,13 @@ from torch import nn
 
 from ._config import DistillConfig, build_terms, load_config, parse_number
 from ._context import LossContext, default_teacher_loss
+from ._dry_run import dry_run
 from ._errors import ConfigError, did_you_mean
 from ._manager import plugin_manager
 from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
-from ._recorder import Recorder, TapError, model_hook
+from ._recorder import Recorder, model_hook
 from ._schedule import value_at
-from ._taps import Tap, resolve_module, resolve_parameter, shape_of, use_eager_attention
+from ._taps import Tap, resolve_module, resolve_parameter, use_eager_attention
 
 TeacherCall = Callable[[nn.Module, tuple, dict], Any]
 
@@ -79,7 +80,7 @@ class Distiller(nn.Module):
                 self._pm.register(term, name=f"term:{term.name}")
             self._pm.hook.kdhooks_configure(distiller=self)
             self._install()
-            shapes = self._dry_run(example_inputs) if example_inputs is not None else {}
+            shapes = dry_run(self, example_inputs) if example_inputs is not None else {}
             self._pm.hook.kdhooks_build(distiller=self, shapes=shapes)
             self._set_step_values()
         except BaseException:
@@ -349,46 +350,6 @@ class Distiller(nn.Module):
                 return model.module(*args, **kwargs)
         finally:
             self._recorder.recording[role] = False
-
-    def _dry_run(self, example_inputs: Any) -> dict[Tap, Any]:
-        """Run the student (and so its teachers) once on ``example_inputs`` to learn shapes."""
-        if isinstance(example_inputs, Mapping):
-            args, kwargs = (), dict(example_inputs)
-        elif isinstance(example_inputs, (tuple, list)):
-            args, kwargs = tuple(example_inputs), {}
-        else:
-            args, kwargs = (example_inputs,), {}
-        modes = {role: m.module.training for role, m in self._models.items()}
-        self._dry = True
-        try:
-            for m in self._models.values():
-                m.module.eval()
-            with torch.no_grad():
-                self.student(*args, **kwargs)
-            captures = dict(self._recorder.captures)
-        except TapError as error:
-            raise ConfigError(self._taps[error.tap], str(error.__cause__), value=error.tap.path,
-                              fix="check the selector after ':' against the module's output") from None
-        finally:
-            self._dry = False
-            self._recorder.clear()
-            for role, training in modes.items():
-                self._models[role].module.train(training)
-        shapes: dict[Tap, Any] = {}
-        for tap, location in self._taps.items():
-            if tap.kind == "param":
-                shapes[tap] = tuple(self._params[tap].shape)
-                continue
-            if tap not in captures:
-                raise ConfigError(location, f"the {tap.role}'s module {tap.module_path!r} was not called "
-                                  f"on the example inputs", value=tap.path,
-                                  fix="tap a module that the forward pass uses")
-            if tap.kind == "attention" and captures[tap] is None:
-                raise ConfigError(location, f"{tap.module_path!r} returned no attention probabilities",
-                                  value=tap.path, fix="use a module that returns them (eager attention), "
-                                  "or pick them out with a selector (path:index)")
-            shapes[tap] = shape_of(captures[tap])
-        return shapes
 
     # --- state and lifetime -------------------------------------------------------------
 
