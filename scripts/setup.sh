@@ -16,8 +16,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q torch==2.14.1 torchvision==0.29.1
   python -m pip install -q -e ".[all]"
   wheels=""
+  torch_now="torch $(python -c 'import torch; print(torch.__version__)')"
   for dir in "${KDHOOKS_WHEELS:-}" ../shared/wheels "${XDG_CACHE_HOME:-$HOME/.cache}/kdhooks/wheels"; do
-    if [ -n "$dir" ] && ls "$dir"/mmcv-2.*.whl >/dev/null 2>&1; then wheels="$dir"; break; fi
+    [ -n "$dir" ] && ls "$dir"/mmcv-2.*.whl >/dev/null 2>&1 || continue
+    # a wheel scripts/build_mmcv.sh made says which torch it was compiled against: skip one for another
+    stamps=$(ls "$dir"/mmcv-2.*.whl.built-for 2>/dev/null || true)
+    if [ -n "$stamps" ] && ! grep -qF "$torch_now " $stamps; then continue; fi
+    wheels="$dir"; break
   done
   if [ -n "$wheels" ]; then
     python -m pip install -q --find-links "$wheels" -e ".[mmdet]"
