@@ -61,11 +61,10 @@ class Term(Options):
         for option, schedule in self._schedules.items():
             setattr(self, option, value_at(schedule, step))
 
-    def _option_holding(self, path: str) -> str | None:
-        for option in self.option_names():
-            if getattr(self, option, None) == path and option != "name":
-                return option
-        return None
+    def _option_holding(self, path: str, role: str) -> str | None:
+        """The option a tap's path came from (for error locations): the one named after its role first."""
+        holding = [option for option in self.option_names() if option != "name" and getattr(self, option, None) == path]
+        return role if role in holding else holding[0] if holding else None
 
     @hookimpl
     def kdhooks_configure(self, distiller: Distiller) -> None:
@@ -75,10 +74,11 @@ class Term(Options):
             raise ConfigError(f"{self.location}.teacher_role", f"no teacher is attached as {self.teacher_role!r}",
                               value=self.teacher_role, fix=did_you_mean(self.teacher_role, distiller.roles)
                               or f"attached: {', '.join(distiller.roles)}")
+        declared = self.taps()
         self._taps = {name: dataclasses.replace(tap, role=self.teacher_role) if tap.role == "teacher" else tap
-                      for name, tap in self.taps().items()}
-        for tap in self._taps.values():
-            option = tap.option or self._option_holding(tap.path)
+                      for name, tap in declared.items()}
+        for name, tap in self._taps.items():
+            option = tap.option or self._option_holding(tap.path, declared[name].role)
             where = f"{self.location}.{option}" if option else self.location
             distiller.add_tap(tap, location=where)
 

@@ -88,7 +88,16 @@ def _inspect(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from ._distiller import Distiller
 
-    student, teacher = load_factory(args.student), load_factory(args.teacher)
+    student = load_factory(args.student)
+    named = [spec.split("=", 1) for spec in args.teacher if "=" in spec.split(":", 1)[0]]
+    if named and len(named) != len(args.teacher):
+        raise ConfigError("--teacher", "name every teacher or none", value=args.teacher,
+                          fix="--teacher resnet=MODULE:FACTORY --teacher vit=MODULE:FACTORY")
+    teacher = ({role: load_factory(spec) for role, spec in named} if named
+               else load_factory(args.teacher[0]) if len(args.teacher) == 1 else None)
+    if teacher is None:
+        raise ConfigError("--teacher", "several teachers need names (the terms' teacher_role)",
+                          value=args.teacher, fix="--teacher resnet=MODULE:FACTORY --teacher vit=MODULE:FACTORY")
     x = example_input(args.input_shape, args.input_dtype, args.vocab)
     with Distiller(student, teacher, args.config, example_inputs=x) as kd:
         print(f"config {args.config}: valid")
@@ -130,7 +139,8 @@ def parser(requested: str | None = None) -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config and dry-run it on a student/teacher pair")
     check.add_argument("config")
     check.add_argument("--student", required=True)
-    check.add_argument("--teacher", required=True)
+    check.add_argument("--teacher", required=True, action="append",
+                       help="MODULE:FACTORY; several as NAME=MODULE:FACTORY, read by the terms' teacher_role")
     model_input(check)
     check.set_defaults(run=_check)
 

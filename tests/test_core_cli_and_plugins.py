@@ -84,3 +84,16 @@ def test_an_integration_command_is_imported_only_when_it_runs():
     with pytest.raises(SystemExit) as exit_info:
         main(["mmdet", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_check_with_named_teachers(tmp_path, capsys):
+    config = tmp_path / "two.yaml"
+    config.write_text("terms:\n  - {kind: kd, teacher_role: wide}\n"
+                      "  - {kind: fitnets, teacher_role: deep, student: stage2, teacher: stage2}\n")
+    base = ["check", str(config), "--student", "kdhooks.demo:student_cnn", "--input-shape", "2,1,8,8"]
+    teachers = ["--teacher", "wide=kdhooks.demo:teacher_cnn", "--teacher", "deep=kdhooks.demo:teacher_cnn"]
+    assert main([*base, *teachers]) == 0
+    out = capsys.readouterr().out
+    assert "tap terms[0].teacher: wide logits" in out and "tap terms[1].teacher: deep stage2" in out
+    assert main([*base, "--teacher", "wide=kdhooks.demo:teacher_cnn", "--teacher", "kdhooks.demo:teacher_cnn"]) == 2
+    assert "name every teacher or none" in capsys.readouterr().err
