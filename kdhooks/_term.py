@@ -63,7 +63,8 @@ class Term(Options):
 
     def _option_holding(self, path: str, role: str) -> str | None:
         """The option a tap's path came from (for error locations): the one named after its role first."""
-        holding = [option for option in self.option_names() if option != "name" and getattr(self, option, None) == path]
+        holding = [option for option in self.option_names()
+                   if option != "name" and getattr(self, option, None) == path]
         return role if role in holding else holding[0] if holding else None
 
     @hookimpl

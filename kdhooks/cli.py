@@ -90,14 +90,14 @@ def _check(args: argparse.Namespace) -> int:
 
     student = load_factory(args.student)
     named = [spec.split("=", 1) for spec in args.teacher if "=" in spec.split(":", 1)[0]]
-    if named and len(named) != len(args.teacher):
-        raise ConfigError("--teacher", "name every teacher or none", value=args.teacher,
+    if len(named) == len(args.teacher):
+        teacher = {role: load_factory(spec) for role, spec in named}
+    elif len(args.teacher) == 1:
+        teacher = load_factory(args.teacher[0])
+    else:
+        raise ConfigError("--teacher", "name every teacher or none" if named else "several teachers need names "
+                          "(the terms' teacher_role)", value=args.teacher,
                           fix="--teacher resnet=MODULE:FACTORY --teacher vit=MODULE:FACTORY")
-    teacher = ({role: load_factory(spec) for role, spec in named} if named
-               else load_factory(args.teacher[0]) if len(args.teacher) == 1 else None)
-    if teacher is None:
-        raise ConfigError("--teacher", "several teachers need names (the terms' teacher_role)",
-                          value=args.teacher, fix="--teacher resnet=MODULE:FACTORY --teacher vit=MODULE:FACTORY")
     x = example_input(args.input_shape, args.input_dtype, args.vocab)
     with Distiller(student, teacher, args.config, example_inputs=x) as kd:
         print(f"config {args.config}: valid")

@@ -129,6 +129,15 @@ def _shapes(value: Any) -> list[tuple]:
     return [tuple(value)] if isinstance(value, tuple) else [tuple(s) for s in value]
 
 
+def _matching_levels(term: kdhooks.Term, student: Any, teacher: Any, what: str, fix: str) -> list[tuple]:
+    """The student's per-level shapes, once they agree with the teacher's but for the batch."""
+    student_shapes, teacher_shapes = _shapes(student), _shapes(teacher)
+    if [s[1:] for s in student_shapes] != [t[1:] for t in teacher_shapes]:
+        raise kdhooks.ConfigError(term.location, f"student {student_shapes} and teacher {teacher_shapes} {what} "
+                                  f"differ", fix=fix)
+    return student_shapes
+
+
 def _class_rows(logits: list[torch.Tensor], classes: int) -> torch.Tensor:
     """Classification outputs as (N, classes) rows: per-level maps (B, A·C, H, W) or rows already."""
     if logits[0].dim() == 4:
@@ -209,11 +218,9 @@ class DetClsKD(kdhooks.Term):
                 "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        student_shapes, teacher_shapes = _shapes(shapes["student_logits"]), _shapes(shapes["teacher_logits"])
-        if [s[1:] for s in student_shapes] != [t[1:] for t in teacher_shapes]:
-            raise kdhooks.ConfigError(self.location, f"student {student_shapes} and teacher {teacher_shapes} "
-                                      f"classification outputs differ", fix="use heads with the same classes, "
-                                      "priors per location and strides")
+        student_shapes = _matching_levels(self, shapes["student_logits"], shapes["teacher_logits"],
+                                          "classification outputs", "use heads with the same classes, priors per "
+                                          "location and strides")
         if self.activation == "softmax" and len(student_shapes[0]) == 4 and self.classes is None:
             raise kdhooks.ConfigError(f"{self.location}.classes", "softmax over per-level maps needs the number "
                                       "of classes per prior, background included", fix="set classes: C+1")
@@ -270,10 +277,8 @@ class LD(kdhooks.Term):
                 "teacher_corners": kdhooks.Tap("teacher", self.teacher)}
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        student_shapes, teacher_shapes = _shapes(shapes["student_corners"]), _shapes(shapes["teacher_corners"])
-        if [s[1:] for s in student_shapes] != [t[1:] for t in teacher_shapes]:
-            raise kdhooks.ConfigError(self.location, f"student {student_shapes} and teacher {teacher_shapes} box "
-                                      f"distributions differ", fix="use heads with the same reg_max and strides")
+        student_shapes = _matching_levels(self, shapes["student_corners"], shapes["teacher_corners"],
+                                          "box distributions", "use heads with the same reg_max and strides")
         channels = student_shapes[0][1]
         if (self.bins or 0) and channels % (4 * self.bins):
             raise kdhooks.ConfigError(f"{self.location}.bins", f"{channels} channels are not 4 edges × {self.bins} "

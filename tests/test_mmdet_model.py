@@ -21,14 +21,6 @@ from kdhooks.plugins.detection import soft_binary_cls_loss  # noqa: E402
 register_all_modules()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def distilled_config(kd):
     cfg = Config.fromfile(str(EXAMPLES / "kd_retinanet_shapes.py")).model
     cfg.teacher_ckpt = None

@@ -28,15 +28,6 @@ pytestmark = pytest.mark.slow
 RETINANET_TERMS = ("det_cls_kd", "det_bounded_reg", "det_feature_imitation")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On 2 shared cores a second intra-op thread makes these small convolutions several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return shapes_module().make_shapes(tmp_path_factory.mktemp("shapes"), train=32, val=8)
