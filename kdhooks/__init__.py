@@ -6,7 +6,7 @@
 from ._config import DistillConfig, load_config
 from ._context import LossContext
 from ._distiller import Distiller
-from ._errors import ConfigError, LossError
+from ._errors import ConfigError, LossError, did_you_mean
 from ._manager import PluginInfo, installed_plugins, plugin_manager
 from ._recorder import model_hook
 from ._registry import Registry
@@ -28,6 +28,7 @@ __all__ = [
     "Schedule",
     "Tap",
     "Term",
+    "did_you_mean",
     "hookimpl",
     "hookspec",
     "installed_plugins",

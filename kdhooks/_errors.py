@@ -48,6 +48,7 @@ def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """A ConfigError fix naming the closest candidates ("did you mean 'a', 'b'?"), or "" if none is close."""
     found = closest(word, candidates)
     if not found:
         return ""

@@ -10,7 +10,6 @@ independently (pooling, flattening and reshapes do).
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -86,10 +85,9 @@ class BranchedHead:
     def _resolve(self, table: dict[str, nn.Module], path: str) -> nn.Module:
         where = f"{self.location}.heads"
         if path not in table:
-            close = difflib.get_close_matches(path, list(table), n=3)
             raise kdhooks.ConfigError(where, f"{path!r} is not a module of the student", value=path,
-                                      fix=f"did you mean {', '.join(map(repr, close))}?" if close
-                                      else "run `kdhooks inspect` to list the module paths")
+                                      fix=kdhooks.did_you_mean(path, table)
+                                      or "run `kdhooks inspect` to list the module paths")
         for other in [self.split, *self.heads]:
             if path == "" or (other != path and (other.startswith(path + ".") or path.startswith(other + "."))):
                 raise kdhooks.ConfigError(where, f"{path!r} and {other!r} contain one another", value=path,

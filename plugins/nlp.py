@@ -10,7 +10,6 @@ which the HF integration passes on. No transformers import here.
 """
 from __future__ import annotations
 
-import difflib
 import warnings
 from typing import Annotated, Any, Literal
 
@@ -339,9 +338,9 @@ class LMKD(kdhooks.Term):
         linear = [path for path, module in table.items()
                   if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2]
         if head_path not in linear:
-            closest = difflib.get_close_matches(head_path, linear) or linear[-1:]
             raise kdhooks.ConfigError(f"{self.location}.{role}_head", f"the {role} has no linear output layer "
-                                      f"at {head_path!r}", value=head_path, fix=f"name its LM head: {closest}")
+                                      f"at {head_path!r}", value=head_path,
+                                      fix=kdhooks.did_you_mean(head_path, linear) or f"name its LM head: {linear[-1:]}")
         head = table[head_path]
         if head.weight.shape[1] != width:
             raise kdhooks.ConfigError(f"{self.location}.{role}_hidden", f"the {role}'s hidden states have {width} "
