@@ -31,16 +31,18 @@ def floating_dtype(module: nn.Module) -> torch.dtype | None:
 
 def cast_floats(value: Any, dtype: torch.dtype | None) -> Any:
     """``value`` with every floating-point tensor in it (tuples, lists, dicts) cast to ``dtype``."""
-    if dtype is None:
-        return value
-    if not _has_other_floats(value, dtype):
+    if dtype is None or not _has_other_floats(value, dtype):
         return value  # the common case: nothing to cast, nothing rebuilt
+    return _cast(value, dtype)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(cast_floats(v, dtype) for v in value)
+        return type(value)(_cast(v, dtype) for v in value)
     if isinstance(value, Mapping):
-        return {k: cast_floats(v, dtype) for k, v in value.items()}
+        return {k: _cast(v, dtype) for k, v in value.items()}
     return value
 
 
