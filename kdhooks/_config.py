@@ -1,6 +1,7 @@
 """The config: YAML or a dict, validated before anything is attached."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._errors import ConfigError, did_you_mean
+from ._options import Finite
 from ._registry import Registry
 from ._schedule import Schedule, is_schedule_spec, parse_schedule
 from ._term import Term
@@ -20,7 +22,7 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    task_weight: float | dict[str, Any] | Schedule = 1.0
+    task_weight: Finite | dict[str, Any] | Schedule = 1.0
     terms: list[dict[str, Any] | Term] = Field(default_factory=list)
     plugins: list[str] = Field(default_factory=list)
     disable_plugins: list[str] = Field(default_factory=list)
@@ -95,23 +97,45 @@ def _build_term(spec: dict[str, Any], registry: Registry, location: str) -> Term
         raise ConfigError(location, "a term needs a `kind`",
                           fix=f"known kinds: {', '.join(sorted(registry.terms))}")
     kind = spec.pop("kind")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{location}.kind", f"a term's kind is one name, got {type(kind).__name__} {kind!r}",
+                          value=kind, fix=f"write one term per kind, e.g. `kind: {_first_name(kind)}`")
     if kind not in registry.terms:
         raise ConfigError(f"{location}.kind", f"unknown term kind {kind!r}", value=kind,
                           fix=did_you_mean(str(kind), registry.terms)
                           or f"known kinds: {', '.join(sorted(registry.terms))}")
     schedules = {option: parse_schedule(value, registry, f"{location}.{option}")
                  for option, value in spec.items() if is_schedule_spec(value)}
-    # validate with each schedule's first value, then put the schedules back
+    # validate with each schedule's first value, then at every step where a schedule turns
     values = {**spec, **{option: schedule(0) for option, schedule in schedules.items()}}
     term = registry.terms[kind].validate(values, location)
+    for step in sorted({s for schedule in schedules.values() for s in schedule.key_steps()} - {0}):
+        at_step = {**spec, **{option: schedule(step) for option, schedule in schedules.items()}}
+        try:
+            registry.terms[kind].validate(at_step, location)
+        except ConfigError as error:
+            raise ConfigError(error.location, f"at step {step} its schedule gives {error.value!r}: {error.problem}",
+                              value=error.value, fix="keep the schedule's values in the option's range") from None
     for option, schedule in schedules.items():
         setattr(term, option, schedule)
     return term
 
 
+def _first_name(kind: Any) -> str:
+    names = [k for k in kind if isinstance(k, str)] if isinstance(kind, (list, tuple)) else []
+    return names[0] if names else "kd"
+
+
 def parse_number(value: float | dict | Schedule, registry: Registry, location: str) -> float | Schedule:
+    """A finite number or a schedule whose every key value is finite."""
     if is_schedule_spec(value):
-        return parse_schedule(value, registry, location)
+        value = parse_schedule(value, registry, location)
     if isinstance(value, dict):
         raise ConfigError(location, "a number or a schedule `{schedule: ..., ...}`", value=value)
+    for step in value.key_steps() if isinstance(value, Schedule) else [0]:
+        number = value(step) if isinstance(value, Schedule) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ConfigError(location, f"must be a finite number, got {number!r}" +
+                              (f" at step {step}" if isinstance(value, Schedule) else ""), value=number,
+                              fix="a number such as 0.5")
     return value

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import functools
+import gc
 import operator
 import os
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,14 +17,24 @@ from torch import nn
 from ._config import DistillConfig, build_terms, load_config, parse_number
 from ._context import LossContext, default_teacher_loss
 from ._dry_run import dry_run
-from ._errors import ConfigError, did_you_mean
+from ._errors import ConfigError, LossError, did_you_mean
 from ._manager import plugin_manager
 from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
-from ._recorder import Recorder, model_hook
+from ._recorder import CaptureError, Recorder, model_hook
 from ._schedule import value_at
 from ._taps import Tap, resolve_module, resolve_parameter, use_eager_attention
 
 TeacherCall = Callable[[nn.Module, tuple, dict], Any]
+
+# the live Distiller of each student: a second one on the same student is refused
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Distiller]] = weakref.WeakKeyDictionary()
+
+
+def attached(student: nn.Module) -> Distiller | None:
+    """The Distiller attached to ``student`` and not closed, or None."""
+    ref = _ATTACHED.get(student)
+    kd = ref() if ref is not None else None
+    return kd if kd is not None and not kd._closed else None
 
 
 @dataclass
@@ -57,6 +70,7 @@ class Distiller(nn.Module):
         self.teacher_loss = teacher_loss or default_teacher_loss
         self._models: dict[str, _Model] = {}
         self._taps: dict[Tap, str] = {}
+        self._explicit_policy: set[Tap] = set()
         self._modules_of_taps: dict[Tap, nn.Module] = {}
         self._params: dict[Tap, torch.Tensor] = {}
         self._owned: dict[str, list[nn.Module]] = {}
@@ -67,11 +81,16 @@ class Distiller(nn.Module):
         self._dry = False
         self._closed = False
         self._pm = None
+        self._student_ref: weakref.ref[nn.Module] | None = None
+        self._claim(student)
         try:
             self.config = load_config(config)
             self._pm, self.registry = plugin_manager(self.config.plugins, self.config.disable_plugins)
             self.task_weight = parse_number(self.config.task_weight, self.registry, "task_weight")
             self.terms = build_terms(self.config, self.registry)
+            if not self.terms:
+                warnings.warn("the config has no terms: this Distiller only scales the task loss by task_weight "
+                              "(add terms, e.g. `terms: [{kind: kd, temperature: 4}]`)", UserWarning, stacklevel=2)
             self.add_model("student", student, trainable=True)
             teachers = teacher if isinstance(teacher, Mapping) else {} if teacher is None else {"teacher": teacher}
             for role, module in teachers.items():
@@ -120,6 +139,8 @@ class Distiller(nn.Module):
             raise ConfigError(role, f"a model is already attached as {role!r}", fix="choose another role name")
         if not isinstance(module, nn.Module):
             raise ConfigError(role, f"the {role} must be a torch.nn.Module, got {type(module).__name__}")
+        if role != "student":
+            self._check_separate(role, module, shared_allowed=trainable)
         self._models[role] = _Model(module, trainable, call)
         if role == "student":
             return
@@ -128,7 +149,7 @@ class Distiller(nn.Module):
             if owner is not None:
                 self._owned.setdefault(owner, []).append(module)
             return
-        was_training = module.training
+        modes = training_modes(module)
         frozen = [p for p in module.parameters() if p.requires_grad]
         module.eval()
         for p in frozen:
@@ -137,11 +158,64 @@ class Distiller(nn.Module):
         def restore() -> None:
             for p in frozen:
                 p.requires_grad_(True)
-            module.train(was_training)
+            restore_modes(modes)
         self._undo.append(restore)
 
-    def add_tap(self, tap: Tap, location: str = "tap") -> None:
-        """Record ``tap`` from now on; a ConfigError if its role or path does not exist."""
+    def _check_separate(self, role: str, module: nn.Module, shared_allowed: bool) -> None:
+        """A ConfigError if ``module`` is, or (a frozen teacher) shares a module or parameter with, an attached model.
+
+        Trainable peers may share parts with the student (ONE's shared trunk); a teacher may not.
+        """
+        for other_role, other in self._models.items():
+            if module is other.module:
+                raise ConfigError(role, f"the {role} is the same module as the {other_role}", fix=
+                                  "pass a separate model (copy.deepcopy(model) for a born-again teacher); "
+                                  "self-distillation from one model needs no teacher (teacher=None)")
+            if shared_allowed:
+                continue
+            theirs = {id(m): name for name, m in other.module.named_modules() if name}
+            for name, sub in module.named_modules():
+                stateful = any(True for _ in sub.parameters()) or any(True for _ in sub.buffers())
+                if name and id(sub) in theirs and stateful:
+                    raise ConfigError(role, f"the {role}'s {name!r} is the {other_role}'s "
+                                      f"{theirs[id(sub)]!r}: a shared module would be frozen for the "
+                                      f"{other_role} and its statistics (BatchNorm) updated by both",
+                                      fix=f"give the {role} its own copy: {role}.{name} = "
+                                      f"copy.deepcopy({other_role}.{theirs[id(sub)]})")
+            params = {id(p): name for name, p in other.module.named_parameters()}
+            for name, p in module.named_parameters():
+                if id(p) in params:
+                    raise ConfigError(role, f"the {role}'s parameter {name!r} is the {other_role}'s "
+                                      f"{params[id(p)]!r}: freezing the {role} would freeze it for the "
+                                      f"{other_role}", fix=f"give the {role} its own copy of the parameter")
+
+    def _claim(self, student: nn.Module) -> None:
+        """Refuse a second live Distiller on ``student``; register this one as its Distiller."""
+        if not isinstance(student, nn.Module):
+            return
+        live = attached(student)
+        if live is not None:
+            # a Distiller only referenced from a cycle (a notebook's `del kd`) is collected first
+            del live
+            gc.collect()
+            live = attached(student)
+        if live is not None:
+            self._closed = True
+            raise ConfigError("student", f"this student already has a Distiller attached ({live.extra_repr()}); "
+                              f"two would each run the teacher and record on every step",
+                              fix="call close() on the first one (or use `with Distiller(...) as kd:`); "
+                              "kdhooks.attached(student) returns it")
+        _ATTACHED[student] = weakref.ref(self)
+        self._student_ref = weakref.ref(student)
+
+    def add_tap(self, tap: Tap, location: str = "tap", *, explicit_policy: bool = False) -> None:
+        """Record ``tap`` from now on; a ConfigError if its role or path does not exist.
+
+        ``explicit_policy``: the term chose what a module called several times gives
+        (``calls:``), so the dry pass does not warn about such a module.
+        """
+        if explicit_policy or tap.policy != "last":
+            self._explicit_policy.add(tap)
         if tap in self._taps:
             return
         if tap.role not in self._models:
@@ -219,6 +293,16 @@ class Distiller(nn.Module):
         model = self._models[role]
         model.call = wrapper(model.call or _call_module)
 
+    def plugin_of(self, term: Any) -> str:
+        """The plugin that registered ``term``'s kind, with its package and version (for error messages)."""
+        from ._manager import installed_plugins
+
+        name = self.registry.origin.get(("term", getattr(term, "kind", "")), "?") if hasattr(self, "registry") else "?"
+        for info in installed_plugins():
+            if info.name == name:
+                return f"{name} ({info.package} {info.version})"
+        return name
+
     def parameter_of(self, tap: Tap) -> torch.Tensor:
         return self._params[tap]
 
@@ -275,7 +359,11 @@ class Distiller(nn.Module):
         self._now["metrics"] = {}
         ctx = LossContext(self, task_loss, extras)
         try:
+            self._recorder.merged()
             results = self._pm.hook.kdhooks_losses(ctx=ctx)
+        except CaptureError as error:
+            raise LossError(self._taps.get(error.tap, error.tap.path), self.step, problem=error.problem,
+                            fix=error.fix) from None
         finally:
             self._recorder.clear()
         parts: dict[str, torch.Tensor] = {}
@@ -311,16 +399,22 @@ class Distiller(nn.Module):
             self._recorder.install(role, modules, detach=not self.is_trainable(role))
         root = self.student
         handles = self._recorder.handles
-        handles.append(root.register_forward_pre_hook(model_hook(self._student_starts), with_kwargs=True, prepend=True))
-        handles.append(root.register_forward_hook(model_hook(self._student_ends), always_call=True))
+        # weak: the student's hooks must not keep a Distiller alive that the user dropped
+        handles.append(root.register_forward_pre_hook(model_hook(self._student_starts, weak=True), with_kwargs=True,
+                                                      prepend=True))
+        handles.append(root.register_forward_hook(model_hook(self._student_ends, weak=True), always_call=True))
         self._installed = True
 
     def _student_starts(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch._C._current_graph_task_id() != -1:
+            # a forward inside backward: activation checkpointing recomputing a segment, not a new step
+            return
         recording = self.student.training or self._dry
         self._recorder.recording["student"] = recording
         if not recording:
             return
-        self._recorder.clear()
+        self._recorder.with_grad["student"] = torch.is_grad_enabled() and not self._dry
+        self._recorder.begin_forward()
         for role in self._active_roles:
             self._run(role, args, kwargs)
 
@@ -337,6 +431,7 @@ class Distiller(nn.Module):
                 model.module.eval()
             grad = model.needs_grad and not self._dry
         self._recorder.recording[role] = True
+        self._recorder.with_grad[role] = grad
         try:
             with torch.set_grad_enabled(grad):
                 if not model.trainable:
@@ -366,6 +461,9 @@ class Distiller(nn.Module):
         if self._closed:
             return
         self._closed = True
+        student = self._student_ref() if self._student_ref is not None else None
+        if student is not None and _ATTACHED.get(student) is not None and _ATTACHED[student]() is self:
+            del _ATTACHED[student]
         self._recorder.remove()
         if self._pm is not None:
             for name, plugin in list(self._pm.list_name_plugin()):
@@ -373,6 +471,22 @@ class Distiller(nn.Module):
                     self._pm.unregister(plugin)
         while self._undo:
             self._undo.pop()()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn("a Distiller was garbage-collected without close(): its hooks are removed and its "
+                      "teacher unfrozen now; call kd.close() or use `with Distiller(...) as kd:`",
+                      ResourceWarning, stacklevel=2)
+        self.close()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a Distiller holds hooks on live models and cannot be pickled or copied: save "
+                        "kd.state_dict() (connectors, heads, step) next to the student's and load it into a new "
+                        "Distiller")
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return self.__reduce_ex__(2)
 
     def __enter__(self) -> Distiller:
         return self
@@ -383,6 +497,16 @@ class Distiller(nn.Module):
     def extra_repr(self) -> str:
         terms = ", ".join(f"{t.name}({t.kind})" for t in getattr(self, "terms", []))
         return f"step={self.step}, terms=[{terms}]"
+
+
+def training_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """Each submodule's own train/eval mode (a frozen BatchNorm in eval inside a training model)."""
+    return {module: module.training for module in model.modules()}
+
+
+def restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
 
 
 def _call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -24,16 +24,40 @@ class ConfigError(ValueError):
 
 
 class LossError(FloatingPointError):
-    """A loss term that came out NaN or infinite; names the term and the step."""
+    """A loss that cannot be trusted at a step: NaN or infinite, or formed from captures that are wrong.
 
-    def __init__(self, term: str, step: int, value: float):
+    ``term`` names the term (or tap) and ``step`` the step; ``problem`` and ``fix``
+    say what went wrong when it is not a non-finite value.
+    """
+
+    def __init__(self, term: str, step: int, value: float | None = None, *, problem: str | None = None,
+                 fix: str | None = None):
         self.term = term
         self.step = step
         self.value = value
-        super().__init__(
-            f"loss term {term!r} is {value} at step {step}; check its inputs "
-            f"(learning rate, temperature, a connector that diverged) or lower its weight"
-        )
+        self.problem = problem
+        self.fix = fix
+        if problem is None:
+            message = (f"loss term {term!r} is {value} at step {step}; check its inputs "
+                       f"(learning rate, temperature, a connector that diverged) or lower its weight")
+        else:
+            message = f"{term}: {problem} (step {step})" + (f"\n  fix: {fix}" if fix else "")
+        super().__init__(message)
+
+
+class PluginError(TypeError):
+    """A plugin's term that breaks the contract: names the term, its kind and the plugin that registered it."""
+
+    def __init__(self, term: object, plugin: str, problem: str, *, fix: str | None = None):
+        self.term = getattr(term, "name", str(term))
+        self.kind = getattr(term, "kind", "") or type(term).__name__
+        self.plugin = plugin
+        self.problem = problem
+        self.fix = fix
+        message = f"loss term {self.term!r} (kind {self.kind!r}, from plugin {plugin}): {problem}"
+        if fix:
+            message += f"\n  fix: {fix}"
+        super().__init__(message)
 
 
 def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import pydantic
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from ._errors import ConfigError, did_you_mean
 
@@ -45,5 +45,28 @@ class Options:
             if first["type"] == "missing" or first["type"] == "missing_keyword_argument":
                 raise ConfigError(full, f"{cls.__name__} needs the option {str(first['loc'][-1])!r}",
                                   fix=f"add `{first['loc'][-1]}: ...` to {location}") from None
+            option = str(first["loc"][-1]) if first["loc"] else location
+            if first["type"] in _RANGE_ERRORS:
+                wanted = first["msg"].removeprefix("Input should be ")
+                if first["type"] not in ("float_type", "int_type", "bool_type", "float_parsing", "int_parsing",
+                                         "finite_number"):
+                    wanted = f"a number {wanted}"
+                note = " (true/false is not a number)" if isinstance(first.get("input"), bool) else ""
+                raise ConfigError(full, f"{option} must be {wanted}, got {first.get('input')!r}{note}",
+                                  value=first.get("input"), fix=f"set {option} to {wanted}") from None
             raise ConfigError(full, first["msg"], value=first.get("input"),
                               fix=f"valid options of {cls.__name__}: {', '.join(cls.option_names())}") from None
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+                 "float_type", "int_type", "bool_type", "int_from_float", "float_parsing", "int_parsing"}
+
+
+# Option types with their valid range: the validator's message names the option, the value and the range.
+# Strict: a YAML `yes` (a bool) or `"4"` is not a number; an int is a valid float.
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Positive = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+UnitInterval = Annotated[float, Field(strict=True, ge=0, le=1)]
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]

@@ -20,6 +20,10 @@ class Schedule(Options):
     def __call__(self, step: int) -> float:
         raise TypeError(f"{type(self).__name__} does not define __call__(step)")
 
+    def key_steps(self) -> list[int]:
+        """Steps at which the schedule takes its extreme values: a term is validated at each of them."""
+        return [0]
+
 
 def is_schedule_spec(value: Any) -> bool:
     return isinstance(value, dict) and "schedule" in value

@@ -13,7 +13,7 @@ from torch import nn
 from ._errors import ConfigError, did_you_mean
 
 TAP_KINDS = ("output", "input", "param", "grad", "attention")
-POLICIES = ("last", "all")
+POLICIES = ("first", "last", "all")
 
 # segments that DDP, FSDP, torch.compile and activation checkpointing insert into paths
 _WRAPPER_SEGMENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -29,8 +29,9 @@ class Tap:
     The empty path is the model's own output; ``logits`` is the model's output
     with the logits picked out of a tuple, dict or ModelOutput. For ``grad``
     taps the empty path is the model's input. ``policy`` says what a module
-    called several times in one forward leaves: its ``last`` call or ``all``
-    calls as a list.
+    called several times in one forward leaves: its ``first`` or ``last`` call,
+    or ``all`` calls as a list. ``clone`` records a copy, which an in-place op
+    later in the forward cannot change (one copy of the tensor per step).
     """
 
     role: str
@@ -38,13 +39,14 @@ class Tap:
     kind: str = "output"
     policy: str = "last"
     option: str | None = field(default=None, compare=False)
+    clone: bool = False
 
     def __hash__(self) -> int:
         # taps key the captures: hashed several times a step, so once per tap
         try:
             return self.__dict__["_hash"]
         except KeyError:
-            value = self.__dict__["_hash"] = hash((self.role, self.path, self.kind, self.policy))
+            value = self.__dict__["_hash"] = hash((self.role, self.path, self.kind, self.policy, self.clone))
             return value
 
     def __getstate__(self) -> dict[str, Any]:
@@ -81,22 +83,29 @@ def clean_path(name: str) -> str:
 
 
 def module_table(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module of ``model`` by its unwrapped path (the user's names)."""
-    table: dict[str, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
+    """Every module of ``model`` by its exact path, and by its unwrapped path (the user's names) where not taken."""
+    named = list(model.named_modules(remove_duplicate=False))
+    table: dict[str, nn.Module] = dict(named)
+    for name, module in named:
         table.setdefault(clean_path(name), module)
     return table
 
 
 def parameter_table(model: nn.Module) -> dict[str, nn.Parameter]:
-    table: dict[str, nn.Parameter] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    """Every parameter by its exact path, then by its unwrapped path where that is not taken."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    table: dict[str, nn.Parameter] = dict(named)
+    for name, param in named:
         table.setdefault(clean_path(name), param)
     return table
 
 
 def resolve_module(model: nn.Module, path: str, *, role: str, location: str) -> nn.Module:
-    """The module at ``path`` of ``model``; a ConfigError with the closest paths otherwise."""
+    """The module at ``path`` of ``model``; a ConfigError with the closest paths otherwise.
+
+    An exact path wins over one that matches only with wrapper segments removed, so
+    ``a.b`` never records ``a.module.b`` and a real submodule named ``module`` is tappable.
+    """
     table = module_table(model)
     if path in table:
         return table[path]
@@ -114,8 +123,15 @@ def resolve_parameter(model: nn.Module, path: str, *, role: str, location: str) 
 
 
 def select(value: Any, selectors: tuple[str, ...]) -> Any:
-    """Follow tuple indices and dict/ModelOutput keys into a module's output."""
+    """Follow tuple indices and dict/ModelOutput keys into a module's output.
+
+    Selectors index containers only: on a tensor ``:0`` would pick sample 0, so it is an error.
+    """
     for selector in selectors:
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"selector {selector!r} applies to a tuple, list, dict or ModelOutput; here it meets "
+                            f"a tensor of shape {tuple(value.shape)} (indexing it would pick a sample, not an "
+                            f"output): remove ':{selector}' from the path")
         if selector.lstrip("-").isdigit():
             if isinstance(value, Mapping) and not isinstance(value, (tuple, list)) and not hasattr(value, "to_tuple"):
                 value = list(value.values())[int(selector)]

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+import inspect
+import warnings
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from ._errors import ConfigError, did_you_mean
-from ._options import Options
+from ._errors import ConfigError, PluginError, did_you_mean
+from ._options import Finite, Options
 from ._schedule import Schedule, value_at
+from ._taps import shape_of
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -26,12 +29,18 @@ class Term(Options):
     by ``weight``; any numeric option, ``weight`` included, may be a schedule.
     ``teacher_role`` picks, among several teachers (``Distiller(student,
     {"resnet": t1, "vit": t2})``), the one that the term's ``teacher`` taps read.
+    ``calls`` says what a tapped module called several times in one forward gives:
+    its ``first`` or ``last`` call, or ``all`` calls as a list; ``clone: true``
+    copies each capture when it is recorded, so that an in-place op after the
+    tapped module (``out += identity``, ``ReLU(inplace=True)``) cannot change it.
     """
 
     kind: ClassVar[str] = ""
     name: str = ""
-    weight: float = 1.0
+    weight: Finite = 1.0
     teacher_role: str = "teacher"
+    calls: Literal["first", "last", "all"] | None = None
+    clone: bool = False
 
     # set by the Distiller
     location: ClassVar[str] = "terms"
@@ -39,6 +48,12 @@ class Term(Options):
     def taps(self) -> dict[str, Tap]:
         """What to record, by the argument name ``loss`` receives it under."""
         return {}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        """Raise a ConfigError (``kdhooks.expect_*``) if the taps' shapes cannot work for this method.
+
+        Called at attach with the dry pass's shapes, or on the first step from the captures.
+        """
 
     def build(self, distiller: Distiller, shapes: dict[str, Any]) -> None:
         """Make connectors or heads once the shapes of the taps are known."""
@@ -61,6 +76,10 @@ class Term(Options):
         for option, schedule in self._schedules.items():
             setattr(self, option, value_at(schedule, step))
 
+    def location_of(self, name: str) -> str:
+        """The config location of the option that tap ``name`` came from (for error messages)."""
+        return self._locations.get(name, self.location)
+
     def _option_holding(self, path: str, role: str) -> str | None:
         """The option a tap's path came from (for error locations): the one named after its role first."""
         holding = [option for option in self.option_names()
@@ -71,20 +90,35 @@ class Term(Options):
     def kdhooks_configure(self, distiller: Distiller) -> None:
         self._schedules = self.scheduled()
         self.set_step(distiller.step)
+        self._checked = False
+        self._warned_detached = False
         if self.teacher_role != "teacher" and self.teacher_role not in distiller.roles:
             raise ConfigError(f"{self.location}.teacher_role", f"no teacher is attached as {self.teacher_role!r}",
                               value=self.teacher_role, fix=did_you_mean(self.teacher_role, distiller.roles)
                               or f"attached: {', '.join(distiller.roles)}")
         declared = self.taps()
-        self._taps = {name: dataclasses.replace(tap, role=self.teacher_role) if tap.role == "teacher" else tap
-                      for name, tap in declared.items()}
+        _check_declared(self, declared, distiller)
+        self._taps, self._locations = {}, {}
+        for name, tap in declared.items():
+            changes: dict[str, Any] = {}
+            if tap.role == "teacher":
+                changes["role"] = self.teacher_role
+            if tap.kind in ("output", "input", "attention"):
+                if self.calls is not None and tap.policy == "last":
+                    changes["policy"] = self.calls
+                if self.clone:
+                    changes["clone"] = True
+            self._taps[name] = dataclasses.replace(tap, **changes) if changes else tap
+            option = tap.option or self._option_holding(tap.path, tap.role)
+            self._locations[name] = f"{self.location}.{option}" if option else self.location
         for name, tap in self._taps.items():
-            option = tap.option or self._option_holding(tap.path, declared[name].role)
-            where = f"{self.location}.{option}" if option else self.location
-            distiller.add_tap(tap, location=where)
+            distiller.add_tap(tap, location=self._locations[name], explicit_policy=self.calls is not None)
 
     @hookimpl
     def kdhooks_build(self, distiller: Distiller, shapes: dict[Any, Any]) -> None:
+        if all(tap in shapes for tap in self._taps.values()):
+            self.check({name: shapes[tap] for name, tap in self._taps.items()})
+            self._checked = True
         if type(self).build is Term.build:
             return
         missing = [name for name, tap in self._taps.items() if tap not in shapes]
@@ -100,11 +134,77 @@ class Term(Options):
             # switched off by its schedule: keep its parameters in the graph for DDP, cheaply
             return {self.name: ctx.distiller.zero_touching(self.name)}
         captures = {name: ctx[tap] for name, tap in self._taps.items()}
-        value = self.loss(ctx, **captures)
+        if not self._checked:
+            # no dry pass at attach: the shapes are checked once, on the first step
+            self.check({name: _shape_or_value(value) for name, value in captures.items()})
+            self._checked = True
+        try:
+            value = self.loss(ctx, **captures)
+        except Exception as error:
+            if hasattr(error, "add_note"):
+                error.add_note(f"in loss term {self.name!r} (kind {self.kind!r}, {ctx.distiller.plugin_of(self)})")
+            raise
         if isinstance(value, dict):
+            for part, v in value.items():
+                self._check_value(ctx, v, captures, f"{self.name}.{part}")
             return {f"{self.name}.{part}" if part else self.name: _weighted(self.weight, v)
                     for part, v in value.items()}
+        self._check_value(ctx, value, captures, self.name)
         return {self.name: _weighted(self.weight, value)}
+
+    def _check_value(self, ctx: LossContext, value: Any, captures: dict[str, Any], part: str) -> None:
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            got = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                   else f"{type(value).__name__} {value!r}"[:120])
+            raise PluginError(self, ctx.distiller.plugin_of(self),
+                              f"loss() must return a 0-dim tensor (or a dict of them) in the graph; "
+                              f"part {part!r} is {got}",
+                              fix="reduce per-sample values with .mean() and compute with torch ops, not floats")
+        if not value.requires_grad and not self._warned_detached and torch.is_grad_enabled() \
+                and any(_requires_grad(v) for v in captures.values()):
+            self._warned_detached = True
+            warnings.warn(f"loss term {part!r} (kind {self.kind!r}) returned a tensor without a gradient although "
+                          f"its inputs have one: it counts in the loss but trains nothing (a .detach(), .item() "
+                          f"or torch.no_grad() in its loss?)", RuntimeWarning, stacklevel=2)
+
+
+def _check_declared(term: Term, declared: Any, distiller: Distiller) -> None:
+    """taps() returns {name: Tap}, and every name is a parameter of loss() (mmrazor checks its mapping likewise)."""
+    from ._taps import Tap
+
+    plugin = distiller.plugin_of(term)
+    if not isinstance(declared, dict) or not all(isinstance(k, str) and isinstance(v, Tap)
+                                                 for k, v in declared.items()):
+        raise PluginError(term, plugin, f"taps() must return a dict {{argument name: kdhooks.Tap}}, "
+                          f"got {type(declared).__name__}"[:200],
+                          fix="return e.g. {'student_logits': kdhooks.Tap('student', 'logits'), ...}")
+    if type(term).loss is Term.loss:
+        raise PluginError(term, plugin, "the term defines no loss()", fix="define loss(self, ctx, **captures)")
+    parameters = list(inspect.signature(term.loss).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    named = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY)}
+    required = {p.name for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    unknown, missing = set(declared) - named, required - set(declared)
+    if unknown or missing:
+        raise PluginError(term, plugin, f"taps() and loss() disagree: taps() names {sorted(declared)}, loss(ctx, ...) "
+                          f"takes {sorted(named)}", fix=(f"rename tap {sorted(unknown)[0]!r} to a parameter of loss()"
+                          if unknown else f"add a tap named {sorted(missing)[0]!r} or give that parameter a default"))
+
+
+def _requires_grad(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (list, tuple)):
+        return any(_requires_grad(v) for v in value)
+    return False
+
+
+def _shape_or_value(value: Any) -> Any:
+    shape = shape_of(value)
+    return value if shape is None else shape
 
 
 def _weighted(weight: float, value: torch.Tensor) -> torch.Tensor:

@@ -81,12 +81,18 @@ def test_unknown_role_and_selector_mismatch():
         def taps(self):
             return {"a": kdhooks.Tap("teachr", "fc")}
 
+        def loss(self, ctx, a):
+            return a.sum()
+
     error = error_of({"terms": [BadTerm()]})
     assert "'teacher'" in error.fix
 
     class BadSelector(kdhooks.Term):
         def taps(self):
             return {"a": kdhooks.Tap("student", "fc:logits")}
+
+        def loss(self, ctx, a):
+            return a.sum()
 
     error = error_of({"terms": [BadSelector()]})
     assert error.value == "fc:logits"
