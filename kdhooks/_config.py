@@ -61,7 +61,21 @@ def load_config(source: str | os.PathLike | dict | DistillConfig | None) -> Dist
             raise ConfigError(f"{origin}:{name}" if origin != "config" else name, f"unknown config key {name!r}",
                               value=name, fix=did_you_mean(name, DistillConfig.model_fields)
                               or f"valid keys: {', '.join(DistillConfig.model_fields)}") from None
-        raise ConfigError(where, first["msg"], value=first.get("input")) from None
+        key = str(first["loc"][0]) if first["loc"] else ""
+        expected, fix = _TOP_LEVEL.get(key, (first["msg"], "see the README's config reference"))
+        raise ConfigError(where or key or origin, f"{key} must be {expected}, got {first.get('input')!r}",
+                          value=first.get("input"), fix=fix) from None
+
+
+# what each top-level key takes, for the message when pydantic rejects its value (a union's errors say little)
+_TOP_LEVEL = {
+    "task_weight": ("a finite number or a schedule",
+                    "set task_weight to a finite number (e.g. 1.0) or a schedule such as "
+                    "{kind: linear, start: 1.0, end: 0.5, steps: 1000}"),
+    "terms": ("a list of terms", "write `terms: [{kind: kd, temperature: 4}]`"),
+    "plugins": ("a list of plugin names", "write `plugins: [name, ...]` (see `kdhooks plugins`)"),
+    "disable_plugins": ("a list of plugin names", "write `disable_plugins: [name, ...]` (see `kdhooks plugins`)"),
+}
 
 
 def build_terms(config: DistillConfig, registry: Registry) -> list[Term]:

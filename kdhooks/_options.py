@@ -35,8 +35,8 @@ class Options:
             return pydantic.TypeAdapter(cls).validate_python(values)
         except pydantic.ValidationError as error:
             first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            full = f"{location}.{where}" if where else location
+            where = _dotted(first["loc"])
+            full = f"{location}{where}"
             if first["type"] == "unexpected_keyword_argument" or first["type"] == "extra_forbidden":
                 name = str(first["loc"][-1])
                 raise ConfigError(full, f"unknown option {name!r} for {cls.__name__}", value=name,
@@ -45,17 +45,29 @@ class Options:
             if first["type"] == "missing" or first["type"] == "missing_keyword_argument":
                 raise ConfigError(full, f"{cls.__name__} needs the option {str(first['loc'][-1])!r}",
                                   fix=f"add `{first['loc'][-1]}: ...` to {location}") from None
-            option = str(first["loc"][-1]) if first["loc"] else location
+            # a list item's loc ends in its index: the option is the last named part, the index shows in `full`
+            option = next((str(part) for part in reversed(first["loc"]) if isinstance(part, str)), location)
             if first["type"] in _RANGE_ERRORS:
                 wanted = first["msg"].removeprefix("Input should be ")
                 if first["type"] not in ("float_type", "int_type", "bool_type", "float_parsing", "int_parsing",
                                          "finite_number"):
                     wanted = f"a number {wanted}"
-                note = " (true/false is not a number)" if isinstance(first.get("input"), bool) else ""
-                raise ConfigError(full, f"{option} must be {wanted}, got {first.get('input')!r}{note}",
-                                  value=first.get("input"), fix=f"set {option} to {wanted}") from None
+                given = first.get("input")
+                note = " (true/false is not a number)" if isinstance(given, bool) else ""
+                fix = f"set {option} to {wanted}"
+                if isinstance(given, dict):
+                    # a mapping where a number goes is a schedule missing its `schedule:` key (often `kind:`)
+                    note = " (a mapping here is a schedule, and it has no `schedule:` key)"
+                    fix = f"write `{option}: {{schedule: linear, start: ..., end: ..., steps: ...}}` or {fix}"
+                raise ConfigError(full, f"{option} must be {wanted}, got {given!r}{note}",
+                                  value=given, fix=fix) from None
             raise ConfigError(full, first["msg"], value=first.get("input"),
                               fix=f"valid options of {cls.__name__}: {', '.join(cls.option_names())}") from None
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """A pydantic loc as a config path suffix: ``('milestones', 0)`` -> ``.milestones[0]``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
 
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",

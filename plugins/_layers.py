@@ -54,10 +54,14 @@ def tensor_of(value: Any) -> torch.Tensor:
     return value
 
 
+def _kind(feature: tuple) -> str:
+    return KINDS.get(len(feature), f"{len(feature)}-D feature {feature}")
+
+
 def check_kind(term: kdhooks.Term, pair: tuple[str, str], student_shape: tuple, teacher_shape: tuple,
                kinds: tuple[int, ...], why: str) -> None:
     """A ConfigError unless both features are of one kind (rank) that ``kinds`` allows."""
-    allowed = " or ".join(KINDS[k] for k in kinds)
+    allowed = " or ".join(KINDS.get(k, f"{k}-D feature") for k in kinds)
     for role, path, feature in (("student", pair[0], student_shape), ("teacher", pair[1], teacher_shape)):
         if len(feature) not in kinds:
             raise kdhooks.ConfigError(f"{term.location}.{role}", f"{term.kind} needs {allowed} features; the "
@@ -65,8 +69,8 @@ def check_kind(term: kdhooks.Term, pair: tuple[str, str], student_shape: tuple, 
                                       fix=f"tap a layer whose output is a {allowed}")
     if len(student_shape) != len(teacher_shape):
         raise kdhooks.ConfigError(term.location, f"{term.kind} compares features of one kind; the student's "
-                                  f"{pair[0]!r} is a {KINDS[len(student_shape)]} and the teacher's {pair[1]!r} a "
-                                  f"{KINDS[len(teacher_shape)]}", value=list(pair),
+                                  f"{pair[0]!r} is a {_kind(student_shape)} and the teacher's {pair[1]!r} a "
+                                  f"{_kind(teacher_shape)}", value=list(pair),
                                   fix="pair conv layers with conv layers and token layers with token layers")
 
 
@@ -78,6 +82,36 @@ def check_same_positions(term: kdhooks.Term, pair: tuple[str, str], student_shap
                                   f"student's {pair[0]!r} has {student_shape[1]} tokens and the teacher's "
                                   f"{pair[1]!r} {teacher_shape[1]}", value=list(pair),
                                   fix="feed both models the same tokens (one tokenizer, same patch grid)")
+
+
+def known(shapes: dict[str, Any], *names: str) -> bool:
+    """Whether every named capture has a tensor shape: a dict, None or other non-tensor capture is not checked."""
+    try:
+        return all(isinstance(kdhooks.feature_shape(shapes[name]), tuple) for name in names)
+    except (KeyError, TypeError):
+        return False
+
+
+def check_same_batch(term: kdhooks.Term, pair: tuple[str, str], student_shape: tuple, teacher_shape: tuple) -> None:
+    """Student and teacher features of the same samples: a batch of one would broadcast against the other."""
+    if student_shape[:1] != teacher_shape[:1]:
+        raise kdhooks.ConfigError(term.location, f"{term.kind} compares the student's and the teacher's features "
+                                  f"sample by sample, but the student's {pair[0]!r} has shape {student_shape} and "
+                                  f"the teacher's {pair[1]!r} {teacher_shape}: different batch sizes",
+                                  value=list(pair), fix="feed both models the same batch (a teacher_call must keep "
+                                  "the batch size)")
+
+
+def check_pairs(term: kdhooks.Term, pairs: list[tuple[str, str]], shapes: dict[str, Any],
+                kinds: tuple[int, ...], why: str) -> None:
+    """``student_i``/``teacher_i`` features of one kind that ``kinds`` allows, same samples, same token count."""
+    for i, pair in enumerate(pairs):
+        if not known(shapes, f"student_{i}", f"teacher_{i}"):
+            continue
+        student, teacher = kdhooks.feature_shape(shapes[f"student_{i}"]), kdhooks.feature_shape(shapes[f"teacher_{i}"])
+        check_kind(term, pair, student, teacher, kinds, why)
+        check_same_positions(term, pair, student, teacher)
+        check_same_batch(term, pair, student, teacher)
 
 
 def resized(feature: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import check_kind, check_same_positions, layer_pairs, pair_taps, resized, shape, tensor_of
+from ._layers import check_pairs, layer_pairs, pair_taps, resized, tensor_of
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -61,18 +61,15 @@ class AT(kdhooks.Term):
 
     student: str | list[str]
     teacher: str | list[str]
-    beta: float = 1000.0
-    p: float = 2.0
+    beta: kdhooks.NonNegative = 1000.0
+    p: kdhooks.Positive = 2.0
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
         return pair_taps(self.pairs)
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        for i, pair in enumerate(self.pairs):
-            student, teacher = shape(shapes[f"student_{i}"]), shape(shapes[f"teacher_{i}"])
-            check_kind(self, pair, student, teacher, (4, 3), "an attention map is a map over positions")
-            check_same_positions(self, pair, student, teacher)
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_pairs(self, self.pairs, shapes, (4, 3), "an attention map is a map over positions")
 
     def loss(self, ctx: kdhooks.LossContext, **features: torch.Tensor) -> torch.Tensor:
         count = len(self.pairs)

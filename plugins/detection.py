@@ -19,10 +19,11 @@ computes only those. Each formula is also a plain function below.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 import kdhooks
@@ -125,16 +126,33 @@ def _levels(value: Any) -> list[torch.Tensor]:
     return [value] if isinstance(value, torch.Tensor) else list(value)
 
 
-def _shapes(value: Any) -> list[tuple]:
-    return [tuple(value)] if isinstance(value, tuple) else [tuple(s) for s in value]
+def _shapes(value: Any) -> list[tuple] | None:
+    """Per-level shapes of a capture (one tensor is one level); None for a capture that holds no tensors."""
+    if isinstance(value, tuple):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(s, tuple) for s in value):
+        return value
+    return None
 
 
-def _matching_levels(term: kdhooks.Term, student: Any, teacher: Any, what: str, fix: str) -> list[tuple]:
-    """The student's per-level shapes, once they agree with the teacher's but for the batch."""
-    student_shapes, teacher_shapes = _shapes(student), _shapes(teacher)
-    if [s[1:] for s in student_shapes] != [t[1:] for t in teacher_shapes]:
+def _matching_levels(term: kdhooks.Term, shapes: dict[str, Any], student: str, teacher: str, what: str, fix: str,
+                     maps: bool = True) -> list[tuple] | None:
+    """The student's per-level shapes once they equal the teacher's; None when the captures hold no tensors.
+
+    Rows of the two heads are compared prior by prior: the same levels, grids,
+    channels and images, or the flattened rows would pair different priors.
+    ``maps``: each level must be a map (B, A·k, H, W), which the loss flattens.
+    """
+    student_shapes, teacher_shapes = _shapes(shapes[student]), _shapes(shapes[teacher])
+    if student_shapes is None or teacher_shapes is None:
+        return None
+    if student_shapes != teacher_shapes:
         raise kdhooks.ConfigError(term.location, f"student {student_shapes} and teacher {teacher_shapes} {what} "
-                                  f"differ", fix=fix)
+                                  f"differ", value=[student_shapes, teacher_shapes], fix=fix)
+    if maps and any(len(s) != 4 for s in student_shapes):
+        raise kdhooks.ConfigError(term.location_of(student), f"{term.kind} reads per-level maps (B, A·k, H, W); "
+                                  f"the {what} have shapes {student_shapes}", value=student_shapes,
+                                  fix="tap the head's outputs, a list of per-level maps (e.g. bbox_head:1)")
     return student_shapes
 
 
@@ -158,7 +176,7 @@ class DetFeatureImitation(kdhooks.Term):
     student: str = "neck"
     teacher: str = "neck"
     region: Literal["objects", "all"] = "objects"
-    ratio: float = 0.5
+    ratio: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.5  # of a box's best IoU: 1 would keep no prior
     levels: list[int] | None = None
     connector: str = "conv1x1"
 
@@ -169,25 +187,38 @@ class DetFeatureImitation(kdhooks.Term):
         return {"student_features": kdhooks.Tap("student", self.student),
                 "teacher_features": kdhooks.Tap("teacher", self.teacher)}
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
+    def _chosen_levels(self, count: int) -> list[int]:
+        chosen = self.levels if self.levels is not None else list(range(count))
+        for level in chosen:
+            if not -count <= level < count:
+                raise kdhooks.ConfigError(f"{self.location}.levels", f"there is no level {level}", value=level,
+                                          fix=f"levels are 0..{count - 1}")
+        return chosen
+
+    def check(self, shapes: dict[str, Any]) -> None:
         student_shapes, teacher_shapes = _shapes(shapes["student_features"]), _shapes(shapes["teacher_features"])
+        if student_shapes is None or teacher_shapes is None:
+            return
         if len(student_shapes) != len(teacher_shapes):
             raise kdhooks.ConfigError(self.location, f"the student has {len(student_shapes)} levels at "
                                       f"{self.student!r}, the teacher {len(teacher_shapes)} at {self.teacher!r}",
+                                      value=[student_shapes, teacher_shapes],
                                       fix="tap outputs with the same levels (e.g. both necks)")
-        self._chosen = self.levels if self.levels is not None else list(range(len(student_shapes)))
-        self.adapters: list[nn.Module] = []
-        for level in self._chosen:
-            if not -len(student_shapes) <= level < len(student_shapes):
-                raise kdhooks.ConfigError(f"{self.location}.levels", f"there is no level {level}", value=level,
-                                          fix=f"levels are 0..{len(student_shapes) - 1}")
+        for level in self._chosen_levels(len(student_shapes)):
             student_shape, teacher_shape = student_shapes[level], teacher_shapes[level]
-            if len(student_shape) != 4 or student_shape[2:] != teacher_shape[2:]:
+            # the connector maps channels; the images and the grid must be the same
+            if len(student_shape) != 4 or len(teacher_shape) != 4 or \
+                    (student_shape[0], *student_shape[2:]) != (teacher_shape[0], *teacher_shape[2:]):
                 raise kdhooks.ConfigError(self.location, f"level {level}: student {student_shape} and teacher "
                                           f"{teacher_shape} are not feature maps of the same size",
-                                          fix="pair levels of the same stride")
-            self.adapters.append(distiller.add_connector(self.name, student_shape, teacher_shape, self.connector,
-                                                         location=f"{self.location}.connector"))
+                                          value=[student_shape, teacher_shape], fix="pair levels of the same stride")
+
+    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
+        student_shapes, teacher_shapes = _shapes(shapes["student_features"]), _shapes(shapes["teacher_features"])
+        self._chosen = self._chosen_levels(len(student_shapes))
+        self.adapters: list[nn.Module] = [
+            distiller.add_connector(self.name, student_shapes[level], teacher_shapes[level], self.connector,
+                                    location=f"{self.location}.connector") for level in self._chosen]
 
     def loss(self, ctx: kdhooks.LossContext, student_features: Any, teacher_features: Any) -> torch.Tensor:
         student_levels, teacher_levels = _levels(student_features), _levels(teacher_features)
@@ -207,23 +238,35 @@ class DetClsKD(kdhooks.Term):
     student: str = "bbox_head:0"
     teacher: str = "bbox_head:0"
     activation: Literal["sigmoid", "softmax"] = "sigmoid"
-    temperature: float = 1.0
-    background_weight: float = 1.5
-    foreground_weight: float = 1.0
-    classes: int | None = None
+    temperature: kdhooks.Positive = 1.0
+    background_weight: kdhooks.NonNegative = 1.5
+    foreground_weight: kdhooks.NonNegative = 1.0
+    classes: kdhooks.PositiveInt | None = None
     background_index: int = -1
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_logits": kdhooks.Tap("student", self.student),
                 "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        student_shapes = _matching_levels(self, shapes["student_logits"], shapes["teacher_logits"],
-                                          "classification outputs", "use heads with the same classes, priors per "
-                                          "location and strides")
-        if self.activation == "softmax" and len(student_shapes[0]) == 4 and self.classes is None:
+    def check(self, shapes: dict[str, Any]) -> None:
+        student_shapes = _matching_levels(self, shapes, "student_logits", "teacher_logits", "classification outputs",
+                                          "use heads with the same classes, priors per location and strides",
+                                          maps=False)
+        if self.activation != "softmax" or student_shapes is None:
+            return
+        maps = len(student_shapes[0]) == 4
+        if maps and self.classes is None:
             raise kdhooks.ConfigError(f"{self.location}.classes", "softmax over per-level maps needs the number "
                                       "of classes per prior, background included", fix="set classes: C+1")
+        if maps and student_shapes[0][1] % self.classes:
+            raise kdhooks.ConfigError(f"{self.location}.classes", f"the maps' {student_shapes[0][1]} channels are "
+                                      f"not priors × {self.classes} classes", value=self.classes,
+                                      fix="set classes to the head's classes per prior, background included")
+        classes = self.classes or student_shapes[0][-1]
+        if not -classes <= self.background_index < classes:
+            raise kdhooks.ConfigError(f"{self.location}.background_index", f"there is no class {self.background_index} "
+                                      f"among {classes}", value=self.background_index,
+                                      fix="-1 (the last class, mmdet's background) or an index below the classes")
 
     def loss(self, ctx: kdhooks.LossContext, student_logits: Any, teacher_logits: Any) -> torch.Tensor:
         students, teachers = _levels(student_logits), _levels(teacher_logits)
@@ -241,7 +284,7 @@ class DetBoundedReg(kdhooks.Term):
 
     student: str = "bbox_head:1"
     teacher: str = "bbox_head:1"
-    margin: float = 0.0
+    margin: kdhooks.Finite = 0.0  # m < 0 counts the student only where it is worse than the teacher by −m
 
     def extras_needed(self) -> set[str]:
         return {"reg_targets", "reg_weights"}
@@ -249,6 +292,10 @@ class DetBoundedReg(kdhooks.Term):
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_reg": kdhooks.Tap("student", self.student),
                 "teacher_reg": kdhooks.Tap("teacher", self.teacher)}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        _matching_levels(self, shapes, "student_reg", "teacher_reg", "box outputs",
+                         "use heads with the same box encoding, priors per location and strides")
 
     def loss(self, ctx: kdhooks.LossContext, student_reg: Any, teacher_reg: Any) -> torch.Tensor:
         targets, weights = _extra(self, ctx, "reg_targets"), _extra(self, ctx, "reg_weights")
@@ -265,9 +312,9 @@ class LD(kdhooks.Term):
 
     student: str = "bbox_head:1"
     teacher: str = "bbox_head:1"
-    temperature: float = 10.0
+    temperature: kdhooks.Positive = 10.0
     region: Literal["positives", "all"] = "positives"
-    bins: int | None = None
+    bins: kdhooks.PositiveInt | None = None
 
     def extras_needed(self) -> set[str]:
         return {"positives"} if self.region == "positives" else set()
@@ -276,13 +323,16 @@ class LD(kdhooks.Term):
         return {"student_corners": kdhooks.Tap("student", self.student),
                 "teacher_corners": kdhooks.Tap("teacher", self.teacher)}
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        student_shapes = _matching_levels(self, shapes["student_corners"], shapes["teacher_corners"],
-                                          "box distributions", "use heads with the same reg_max and strides")
+    def check(self, shapes: dict[str, Any]) -> None:
+        student_shapes = _matching_levels(self, shapes, "student_corners", "teacher_corners", "box distributions",
+                                          "use heads with the same reg_max and strides")
+        if student_shapes is None:
+            return
         channels = student_shapes[0][1]
-        if (self.bins or 0) and channels % (4 * self.bins):
-            raise kdhooks.ConfigError(f"{self.location}.bins", f"{channels} channels are not 4 edges × {self.bins} "
-                                      f"bins per prior", value=self.bins, fix="bins = reg_max + 1")
+        if channels % (4 * (self.bins or 1)):
+            raise kdhooks.ConfigError(f"{self.location}.bins", f"{channels} channels are not 4 edges × "
+                                      f"{self.bins or 'some'} bins per prior", value=self.bins,
+                                      fix="bins = reg_max + 1" if self.bins else "tap the box distribution branch")
 
     def loss(self, ctx: kdhooks.LossContext, student_corners: Any, teacher_corners: Any) -> torch.Tensor:
         students, teachers = _levels(student_corners), _levels(teacher_corners)

@@ -9,11 +9,16 @@ from torch import nn
 
 import kdhooks
 
-from ._layers import check_kind, check_same_positions, layer_pairs, pair_taps, resized, shape, smaller_grid, tensor_of
+from ._layers import (check_pairs, check_same_batch, known, layer_pairs, pair_taps, resized, shape, smaller_grid,
+                      tensor_of)
 
 
 def fitnets_loss(student_hint: torch.Tensor, teacher_guided: torch.Tensor) -> torch.Tensor:
     """Mean squared distance between the regressed student hint and the teacher's guided layer."""
+    if student_hint.shape != teacher_guided.shape:
+        # mse_loss would broadcast a batch of one (or a width of one) with only a warning
+        raise ValueError(f"fitnets compares the regressed hint {tuple(student_hint.shape)} with the guided layer "
+                         f"{tuple(teacher_guided.shape)} element by element: their shapes differ")
     return F.mse_loss(student_hint.float(), teacher_guided.float())
 
 
@@ -27,6 +32,12 @@ class FitNets(kdhooks.Term):
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_hint": kdhooks.Tap("student", self.student),
                 "teacher_guided": kdhooks.Tap("teacher", self.teacher)}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        # the connector joins widths and grids (build() names the shapes it cannot join); the samples must agree
+        if known(shapes, "student_hint", "teacher_guided"):
+            check_same_batch(self, (self.student, self.teacher), kdhooks.feature_shape(shapes["student_hint"]),
+                             kdhooks.feature_shape(shapes["teacher_guided"]))
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         self.regressor = distiller.add_connector(self.name, shapes["student_hint"], shapes["teacher_guided"],
@@ -88,17 +99,14 @@ class MMD(kdhooks.Term):
     student: str | list[str]
     teacher: str | list[str]
     kernel: Literal["linear", "polynomial", "gaussian"] = "polynomial"
-    degree: int = 2
+    degree: kdhooks.PositiveInt = 2
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
         return pair_taps(self.pairs)
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        for i, pair in enumerate(self.pairs):
-            student, teacher = shape(shapes[f"student_{i}"]), shape(shapes[f"teacher_{i}"])
-            check_kind(self, pair, student, teacher, (4, 3), "a neuron's selectivity is its response over positions")
-            check_same_positions(self, pair, student, teacher)
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_pairs(self, self.pairs, shapes, (4, 3), "a neuron's selectivity is its response over positions")
 
     def loss(self, ctx: kdhooks.LossContext, **features: Any) -> torch.Tensor:
         return sum(mmd_loss(tensor_of(features[f"student_{i}"]), tensor_of(features[f"teacher_{i}"]),
@@ -191,22 +199,24 @@ class FT(kdhooks.Term):
 
     student: str
     teacher: str
-    rate: float = 0.5
-    beta: float = 500.0
-    p: int = 1
-    paraphraser_steps: int = 500
-    paraphraser_lr: float = 1e-3
+    rate: kdhooks.Positive = 0.5
+    beta: kdhooks.NonNegative = 500.0
+    p: kdhooks.PositiveInt = 1
+    paraphraser_steps: kdhooks.NonNegativeInt = 500
+    paraphraser_lr: kdhooks.Positive = 1e-3
     joint: bool = False
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_feature": kdhooks.Tap("student", self.student),
                 "teacher_feature": kdhooks.Tap("teacher", self.teacher)}
 
+    def check(self, shapes: dict[str, Any]) -> None:
+        pairs = [(self.student, self.teacher)]
+        check_pairs(self, pairs, {"student_0": shapes["student_feature"], "teacher_0": shapes["teacher_feature"]},
+                    (4, 3), "factors are conv maps or token features")
+
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         student, teacher = shape(shapes["student_feature"]), shape(shapes["teacher_feature"])
-        pair = (self.student, self.teacher)
-        check_kind(self, pair, student, teacher, (4, 3), "factors are conv maps or token features")
-        check_same_positions(self, pair, student, teacher)
         self.paraphraser = distiller.add_part(self.name, Paraphraser(teacher, self.rate))
         # trained here, by its own optimizer: invisible to the user's (no grad) and to DDP (no requires_grad)
         self.paraphraser.requires_grad_(False)

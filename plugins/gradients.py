@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import shape
+from ._layers import known
 
 
 def grad_at_loss(student_gradient: torch.Tensor, teacher_gradient: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
@@ -31,15 +31,18 @@ class GradAT(kdhooks.Term):
 
     student: str = ""
     teacher: str = ""
-    beta: float = 1.0
+    beta: kdhooks.NonNegative = 1.0
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_gradient": kdhooks.Tap("student", self.student, "grad", option="student"),
                 "teacher_gradient": kdhooks.Tap("teacher", self.teacher, "grad", option="teacher")}
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        student, teacher = shape(shapes["student_gradient"]), shape(shapes["teacher_gradient"])
-        if student[1:] != teacher[1:]:
+    def check(self, shapes: dict[str, Any]) -> None:
+        if not known(shapes, "student_gradient", "teacher_gradient"):
+            return
+        student = kdhooks.feature_shape(shapes["student_gradient"])
+        teacher = kdhooks.feature_shape(shapes["teacher_gradient"])
+        if student != teacher:
             raise kdhooks.ConfigError(self.location, f"grad_at compares gradient maps element by element; the "
                                       f"student's {self.student or 'input'!r} has shape {student} and the teacher's "
                                       f"{self.teacher or 'input'!r} {teacher}",

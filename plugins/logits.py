@@ -1,12 +1,14 @@
 """Matching the teacher's output logits."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 import kdhooks
+
+from ._layers import known
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -20,13 +22,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def logits_l2_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared error between logits (Ba & Caruana 2014; the T → ∞ limit of KD)."""
+    if student_logits.shape != teacher_logits.shape:
+        # mse_loss would broadcast (8, 10) against (8, 1) with only a warning
+        raise ValueError(f"logits_l2 compares logits element by element, but the student's have shape "
+                         f"{tuple(student_logits.shape)} and the teacher's {tuple(teacher_logits.shape)}")
     return F.mse_loss(student_logits.float(), teacher_logits.float())
+
+
+def check_logits(term: kdhooks.Term, shapes: dict[str, Any]) -> None:
+    """Same classes and the same leading dims: the loss flattens rows, which would hide a batch mismatch."""
+    if known(shapes, "student_logits", "teacher_logits"):
+        kdhooks.expect_same_classes(term, "student_logits", "teacher_logits", shapes)
 
 
 class KD(kdhooks.Term):
     """Distilling the knowledge in a neural network (Hinton, Vinyals & Dean 2015)."""
 
-    temperature: float = 4.0
+    temperature: kdhooks.Positive = 4.0
     variant: Literal["kl", "l2"] = "kl"
     student: str = "logits"
     teacher: str = "logits"
@@ -34,6 +46,9 @@ class KD(kdhooks.Term):
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_logits": kdhooks.Tap("student", self.student),
                 "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_logits(self, shapes)
 
     def loss(self, ctx: kdhooks.LossContext, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -84,6 +99,9 @@ class LogitsL2(kdhooks.Term):
         return {"student_logits": kdhooks.Tap("student", self.student),
                 "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
 
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_logits(self, shapes)
+
     def loss(self, ctx: kdhooks.LossContext, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor) -> torch.Tensor:
         return logits_l2_loss(student_logits, teacher_logits)
@@ -96,16 +114,19 @@ class DKD(kdhooks.Term):
     loss in over its first 20 epochs: set ``warmup`` to that many steps.
     """
 
-    alpha: float = 1.0
-    beta: float = 8.0
-    temperature: float = 4.0
-    warmup: int = 0
+    alpha: kdhooks.NonNegative = 1.0
+    beta: kdhooks.NonNegative = 8.0
+    temperature: kdhooks.Positive = 4.0
+    warmup: kdhooks.NonNegativeInt = 0
     student: str = "logits"
     teacher: str = "logits"
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_logits": kdhooks.Tap("student", self.student),
                 "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_logits(self, shapes)
 
     def loss(self, ctx: kdhooks.LossContext, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -11,15 +11,15 @@ which the HF integration passes on. No transformers import here.
 from __future__ import annotations
 
 import warnings
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 import kdhooks
 
+from ._layers import known
 from ._token_divergence import LinearHead, lm_kd_loss, lm_token_mask, token_divergence, top_k_log_probs
 
 __all__ = ["LinearHead", "attention_maps_loss", "hidden_states_loss", "lm_kd_loss", "lm_token_mask",
@@ -128,8 +128,16 @@ def _hidden_tensor(value: Any) -> torch.Tensor:
     return value[0]
 
 
-def _shape(shape: Any) -> tuple:
-    return tuple(shape[0]) if isinstance(shape, list) else tuple(shape)
+def _check_tokens(term: kdhooks.Term, shapes: dict[str, Any], student: str, teacher: str, what: str) -> None:
+    """Token features (B, L, D) of both models over the same tokens; the widths may differ (a connector joins)."""
+    if not known(shapes, student, teacher):
+        return
+    first, second = (kdhooks.expect_rank(term, name, shapes, (3,), f"{what} are compared token by token")
+                     for name in (student, teacher))
+    if first[:2] != second[:2]:
+        raise kdhooks.ConfigError(term.location, f"{term.kind} compares {what} token by token, but the student's "
+                                  f"{student} has shape {first} and the teacher's {teacher} {second}",
+                                  value=[first, second], fix="feed both models the same tokens (one tokenizer)")
 
 
 class _LayerTerm(kdhooks.Term):
@@ -194,10 +202,15 @@ class HiddenStates(_LayerTerm):
             taps[f"teacher_{teacher}"] = self.hidden_tap("teacher", teacher)
         return taps
 
+    def check(self, shapes: dict[str, Any]) -> None:
+        for s, t in self.pairs:
+            _check_tokens(self, shapes, f"student_{s}", f"teacher_{t}", "hidden states")
+
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         self.projections = {
-            (s, t): distiller.add_connector(self.name, _shape(shapes[f"student_{s}"]), _shape(shapes[f"teacher_{t}"]),
-                                            self.connector, location=f"{self.location}.connector")
+            (s, t): distiller.add_connector(self.name, kdhooks.feature_shape(shapes[f"student_{s}"]),
+                                            kdhooks.feature_shape(shapes[f"teacher_{t}"]), self.connector,
+                                            location=f"{self.location}.connector")
             for s, t in self.pairs}
 
     def loss(self, ctx: kdhooks.LossContext, **hidden: Any) -> torch.Tensor:
@@ -251,21 +264,29 @@ class AttentionMaps(_LayerTerm):
             taps["teacher_embeddings"] = self.hidden_tap("teacher", 0)
         return taps
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
+    def check(self, shapes: dict[str, Any]) -> None:
         for s, t in self.pairs:
-            student, teacher = _shape(shapes[f"student_{s}"]), _shape(shapes[f"teacher_{t}"])
-            if student[-1] != teacher[-1]:
+            if not known(shapes, f"student_{s}", f"teacher_{t}"):
+                continue
+            student, teacher = (kdhooks.expect_rank(self, name, shapes, (4,), "attention is (batch, heads, L, L)")
+                                for name in (f"student_{s}", f"teacher_{t}"))
+            if (student[0], *student[2:]) != (teacher[0], *teacher[2:]):
                 raise kdhooks.ConfigError(self.location, f"attention maps of layers ({s}, {t}) have different "
-                                          f"sequence lengths {student[-1]} and {teacher[-1]}", value=[s, t],
-                                          fix="feed teacher and student the same tokens (one tokenizer)")
+                                          f"batch sizes or sequence lengths: student {student}, teacher {teacher}",
+                                          value=[s, t], fix="feed teacher and student the same tokens (one tokenizer)")
             if self.heads == "matched" and student[1] != teacher[1]:
                 raise kdhooks.ConfigError(f"{self.location}.heads", f"the student has {student[1]} heads and the "
                                           f"teacher {teacher[1]}: they cannot be matched one to one",
                                           value="matched", fix="use `heads: averaged`")
         if self.embeddings:
+            _check_tokens(self, shapes, "student_embeddings", "teacher_embeddings", "embeddings")
+
+    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
+        if self.embeddings:
             self.embedding_projection = distiller.add_connector(
-                self.name, _shape(shapes["student_embeddings"]), _shape(shapes["teacher_embeddings"]),
-                self.connector, location=f"{self.location}.connector")
+                self.name, kdhooks.feature_shape(shapes["student_embeddings"]),
+                kdhooks.feature_shape(shapes["teacher_embeddings"]), self.connector,
+                location=f"{self.location}.connector")
 
     def loss(self, ctx: kdhooks.LossContext, **captures: Any) -> dict[str, torch.Tensor]:
         mask = ctx.extras.get("attention_mask")
@@ -289,12 +310,12 @@ class LMKD(kdhooks.Term):
     """
 
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
-    beta: Annotated[float, Field(ge=0, le=1)] = 0.5
-    temperature: Annotated[float, Field(gt=0)] = 1.0
+    beta: kdhooks.UnitInterval = 0.5
+    temperature: kdhooks.Positive = 1.0
     causal: bool = True
     ignore_index: int = -100
-    chunk_size: Annotated[int, Field(gt=0)] | None = 256
-    top_k: Annotated[int, Field(gt=0)] | None = None
+    chunk_size: kdhooks.PositiveInt | None = 256
+    top_k: kdhooks.PositiveInt | None = None
     student: str = "logits"
     teacher: str = "logits"
     student_head: str | None = None
@@ -319,6 +340,19 @@ class LMKD(kdhooks.Term):
 
     def __post_init__(self) -> None:
         self._heads: dict[str, nn.Module] = {}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        if not known(shapes, "student_output", "teacher_output"):
+            return  # a backbone's ModelOutput (student_hidden): its hidden states are picked out in loss()
+        if not self.student_head and not self.teacher_head:
+            kdhooks.expect_same_classes(self, "student_output", "teacher_output", shapes)
+            return
+        # hidden states feed a head: the vocabularies are compared in loss(), the tokens here
+        first, second = (kdhooks.feature_shape(shapes[name]) for name in ("student_output", "teacher_output"))
+        if first[:-1] != second[:-1]:
+            raise kdhooks.ConfigError(self.location, f"lm_kd compares next-token distributions token by token, but "
+                                      f"the student's output has shape {first} and the teacher's {second}",
+                                      value=[first, second], fix="feed both models the same tokens (one tokenizer)")
 
     def _side(self, ctx: kdhooks.LossContext, role: str, value: Any) -> torch.Tensor | LinearHead:
         if not getattr(self, f"{role}_head"):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import check_kind, check_same_positions, layer_pairs, pair_taps, shape, smaller_grid, tensor_of
+from ._layers import (check_kind, check_same_batch, check_same_positions, known, layer_pairs, pair_taps, shape,
+                      smaller_grid, tensor_of)
 
 # --- relations between layers ------------------------------------------------------------
 
@@ -58,11 +59,13 @@ class FSP(kdhooks.Term):
         return {**{f"student:{path}": kdhooks.Tap("student", path, option="student") for path in self.layers[0]},
                 **{f"teacher:{path}": kdhooks.Tap("teacher", path, option="teacher") for path in self.layers[1]}}
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        self.connectors = {}
+    def check(self, shapes: dict[str, Any]) -> None:
+        if not known(shapes, *shapes):
+            return
+        feature = {name: kdhooks.feature_shape(value) for name, value in shapes.items()}
         for student_pair, teacher_pair in zip(self.student, self.teacher):
             for role, pair in (("student", student_pair), ("teacher", teacher_pair)):
-                first, second = shape(shapes[f"{role}:{pair[0]}"]), shape(shapes[f"{role}:{pair[1]}"])
+                first, second = feature[f"{role}:{pair[0]}"], feature[f"{role}:{pair[1]}"]
                 if len(first) not in (3, 4) or len(first) != len(second):
                     raise kdhooks.ConfigError(f"{self.location}.{role}", f"an FSP matrix needs two conv maps or two "
                                               f"token features; the {role}'s {pair[0]!r} gives {first} and "
@@ -70,8 +73,15 @@ class FSP(kdhooks.Term):
                                               fix="pair layers whose outputs are both (N, C, H, W) or both (N, L, D)")
                 check_same_positions(self, pair, first, second)
             for student_path, teacher_path in zip(student_pair, teacher_pair):
-                student, teacher = shape(shapes[f"student:{student_path}"]), shape(shapes[f"teacher:{teacher_path}"])
+                student, teacher = feature[f"student:{student_path}"], feature[f"teacher:{teacher_path}"]
                 check_kind(self, (student_path, teacher_path), student, teacher, (4, 3), "FSP relates feature maps")
+                check_same_batch(self, (student_path, teacher_path), student, teacher)
+
+    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
+        self.connectors = {}
+        for student_pair, teacher_pair in zip(self.student, self.teacher):
+            for student_path, teacher_path in zip(student_pair, teacher_pair):
+                student, teacher = shape(shapes[f"student:{student_path}"]), shape(shapes[f"teacher:{teacher_path}"])
                 if (student_path, teacher_path) not in self.connectors:
                     self.connectors[(student_path, teacher_path)] = distiller.add_connector(
                         self.name, student, teacher, self.connector, location=f"{self.location}.connector")
@@ -87,6 +97,22 @@ class FSP(kdhooks.Term):
 
 
 # --- relations between samples -----------------------------------------------------------
+
+
+def check_samples(term: kdhooks.Term, shapes: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+    """Relations between samples: each (student, teacher) capture has a batch dim, and both the same samples."""
+    for student_name, teacher_name in pairs:
+        if not known(shapes, student_name, teacher_name):
+            continue
+        student, teacher = kdhooks.feature_shape(shapes[student_name]), kdhooks.feature_shape(shapes[teacher_name])
+        for name, feature in ((student_name, student), (teacher_name, teacher)):
+            if len(feature) < 2:
+                path = term._taps[name].path
+                raise kdhooks.ConfigError(term.location_of(name), f"{term.kind} relates the samples of a batch, one "
+                                          f"feature row each; {path!r} gives shape {feature}, with no feature "
+                                          f"dimension after the batch", value=path,
+                                          fix="tap a layer whose output is (N, D) or (N, C, H, W)")
+        check_same_batch(term, (term._taps[student_name].path, term._taps[teacher_name].path), student, teacher)
 
 
 def _per_sample(feature: torch.Tensor) -> torch.Tensor:
@@ -147,12 +173,15 @@ class RKD(kdhooks.Term):
 
     student: str
     teacher: str
-    distance_weight: float = 25.0
-    angle_weight: float = 50.0
+    distance_weight: kdhooks.NonNegative = 25.0
+    angle_weight: kdhooks.NonNegative = 50.0
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_embedding": kdhooks.Tap("student", self.student),
                 "teacher_embedding": kdhooks.Tap("teacher", self.teacher)}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_samples(self, shapes, [("student_embedding", "teacher_embedding")])
 
     def loss(self, ctx: kdhooks.LossContext, student_embedding: Any,
              teacher_embedding: Any) -> dict[str, torch.Tensor]:
@@ -186,11 +215,14 @@ class SP(kdhooks.Term):
 
     student: str | list[str]
     teacher: str | list[str]
-    gamma: float = 3000.0
+    gamma: kdhooks.NonNegative = 3000.0
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         self.pairs = layer_pairs(self, self.student, self.teacher)
         return pair_taps(self.pairs)
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_samples(self, shapes, [(f"student_{i}", f"teacher_{i}") for i in range(len(self.pairs))])
 
     def loss(self, ctx: kdhooks.LossContext, **features: Any) -> torch.Tensor:
         count = len(self.pairs)
@@ -226,6 +258,9 @@ class PKT(kdhooks.Term):
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_embedding": kdhooks.Tap("student", self.student),
                 "teacher_embedding": kdhooks.Tap("teacher", self.teacher)}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        check_samples(self, shapes, [("student_embedding", "teacher_embedding")])
 
     def loss(self, ctx: kdhooks.LossContext, student_embedding: Any, teacher_embedding: Any) -> torch.Tensor:
         return pkt_loss(tensor_of(student_embedding), tensor_of(teacher_embedding))

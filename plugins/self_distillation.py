@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 import kdhooks
 
 from ._branches import BranchedHead, reinitialized
+from ._layers import known
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -56,8 +58,8 @@ class DeepMutualLearning(kdhooks.Term):
     """
 
     peers: dict[str, nn.Module] = field(default_factory=dict)
-    copies: int = 0
-    temperature: float = 1.0
+    copies: kdhooks.NonNegativeInt = 0
+    temperature: kdhooks.Positive = 1.0
     student: str = "logits"
     peer_output: str = "logits"
 
@@ -77,6 +79,11 @@ class DeepMutualLearning(kdhooks.Term):
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student": kdhooks.Tap("student", self.student, option="student"),
                 **{role: kdhooks.Tap(role, self.peer_output, option="peer_output") for role in self.roles}}
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        for role in self.roles:
+            if known(shapes, "student", role):
+                kdhooks.expect_same_classes(self, "student", role, shapes)
 
     def loss(self, ctx: kdhooks.LossContext, **logits: torch.Tensor) -> dict[str, torch.Tensor]:
         labels = _labels(ctx, self)
@@ -125,8 +132,8 @@ class OnTheFlyNativeEnsemble(kdhooks.Term):
 
     split: str
     heads: list[str]
-    branches: int = 3
-    temperature: float = 3.0
+    branches: Annotated[int, Field(strict=True, ge=2)] = 3  # branch 0 alone would have no ensemble to learn from
+    temperature: kdhooks.Positive = 3.0
     inference: Literal["branch", "ensemble"] = "branch"
 
     def taps(self) -> dict[str, kdhooks.Tap]:
@@ -135,13 +142,14 @@ class OnTheFlyNativeEnsemble(kdhooks.Term):
     @kdhooks.hookimpl
     def kdhooks_configure(self, distiller: kdhooks.Distiller) -> None:
         super().kdhooks_configure(distiller)
-        if self.branches < 2:
-            raise kdhooks.ConfigError(f"{self.location}.branches", "ONE needs at least two branches",
-                                      value=self.branches, fix="branches: 3")
         self.branched = BranchedHead(distiller.student, self.split, self.heads, self.branches, self.location)
 
+    def check(self, shapes: dict[str, Any]) -> None:
+        if known(shapes, "trunk"):
+            kdhooks.expect_rank(self, "trunk", shapes, (4, 3, 2), "the gate reads the trunk's pooled output per sample")
+
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        trunk = shapes["trunk"] if isinstance(shapes["trunk"], tuple) else shapes["trunk"][0]
+        trunk = kdhooks.feature_shape(shapes["trunk"])
         features = trunk[1] if len(trunk) == 4 else trunk[-1]
         # the gate: FC, BN, ReLU, then a softmax over the branches
         gate = nn.Sequential(nn.Linear(features, self.branches), nn.BatchNorm1d(self.branches), nn.ReLU())
@@ -225,10 +233,10 @@ class BeYourOwnTeacher(kdhooks.Term):
 
     stages: list[str]
     classifier: str
-    temperature: float = 3.0
-    alpha: float = 0.5
-    hint_weight: float = 0.05
-    bottleneck: int | None = None
+    temperature: kdhooks.Positive = 3.0
+    alpha: kdhooks.UnitInterval = 0.5
+    hint_weight: kdhooks.NonNegative = 0.05
+    bottleneck: kdhooks.PositiveInt | None = None
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         taps = {"deepest_logits": kdhooks.Tap("student", self.classifier, option="classifier"),
@@ -236,12 +244,19 @@ class BeYourOwnTeacher(kdhooks.Term):
         taps.update({f"stage{i}": kdhooks.Tap("student", path, option="stages") for i, path in enumerate(self.stages)})
         return taps
 
-    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        feature_shape, logits_shape = shapes["deepest_feature"], shapes["deepest_logits"]
+    def check(self, shapes: dict[str, Any]) -> None:
+        feature_shape = shapes["deepest_feature"]
         if not isinstance(feature_shape, tuple) or len(feature_shape) != 2:
             raise kdhooks.ConfigError(f"{self.location}.classifier", f"the input of {self.classifier!r} is "
                                       f"{feature_shape}, not one feature vector per sample (N, D)",
                                       value=self.classifier, fix="name the final linear classifier")
+        # the heads' cross-entropy takes (N, classes) logits; a head reads conv, token or vector stages
+        for name, ranks in (("deepest_logits", (2,)), *((f"stage{i}", (4, 3, 2)) for i in range(len(self.stages)))):
+            if known(shapes, name):
+                kdhooks.expect_rank(self, name, shapes, ranks, "BYOT's heads classify one row per sample")
+
+    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
+        feature_shape, logits_shape = shapes["deepest_feature"], shapes["deepest_logits"]
         heads = [AuxiliaryClassifier(shapes[f"stage{i}"], feature_shape[1], logits_shape[-1],
                                      self.bottleneck or max(feature_shape[1] // 4, 1)) for i in range(len(self.stages))]
         self.heads = distiller.add_part(self.name, nn.ModuleList(heads))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import layer_pairs, pair_taps, shape, tensor_of
+from ._layers import check_pairs, layer_pairs, pair_taps, shape, tensor_of
 
 
 def ab_loss(student_pre: torch.Tensor, teacher_pre: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -37,7 +37,8 @@ class AB(kdhooks.Term):
     ``student`` and ``teacher`` name the activation modules (one path or equal
     lists); their inputs are the pre-activations. With ``pre_activation:
     output`` they name the modules whose output is the pre-activation (the
-    BatchNorm before a functional ReLU). The connector r (1x1 conv + BN, as in
+    BatchNorm before a functional ReLU); an in-place ReLU overwrites its input,
+    so tap it with ``clone: true``. The connector r (1x1 conv + BN, as in
     the paper) maps the student's to the teacher's shape. The paper uses AB to
     initialize the student: weight on and task weight 0 for the first epochs,
     then the reverse (see docs/methods.md). The disagreement rate of the on/off
@@ -46,7 +47,7 @@ class AB(kdhooks.Term):
 
     student: str | list[str]
     teacher: str | list[str]
-    margin: float = 1.0
+    margin: kdhooks.NonNegative = 1.0
     pre_activation: Literal["input", "output"] = "input"
     connector: str = "conv1x1_bn"
 
@@ -54,16 +55,15 @@ class AB(kdhooks.Term):
         self.pairs = layer_pairs(self, self.student, self.teacher)
         return pair_taps(self.pairs, self.pre_activation)
 
+    def check(self, shapes: dict[str, Any]) -> None:
+        # the paper's 1x1 conv connector joins conv maps; a linear one joins token or vector neurons
+        if self.connector.startswith("conv"):
+            kinds, why = (4,), f"its connector {self.connector!r} is a 1x1 convolution (connector: linear for vectors)"
+        else:
+            kinds, why = (4, 3, 2), "ab compares the on/off states of neurons, sample by sample"
+        check_pairs(self, self.pairs, shapes, kinds, why)
+
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
-        for role in ("student", "teacher"):
-            modules = kdhooks.module_table(distiller.model(self.role(role)))
-            for pair in self.pairs:
-                path = (pair[0] if role == "student" else pair[1]).split(":", 1)[0]
-                if self.pre_activation == "input" and getattr(modules.get(path), "inplace", False):
-                    raise kdhooks.ConfigError(f"{self.location}.{role}", f"the {role}'s {path!r} is an in-place "
-                                              f"activation: it overwrites its input, the pre-activation that "
-                                              f"ab compares, before the loss can read it", value=path,
-                                              fix="construct it with inplace=False")
         self.connectors = [distiller.add_connector(self.name, shape(shapes[f"student_{i}"]),
                                                    shape(shapes[f"teacher_{i}"]), self.connector,
                                                    location=f"{self.location}.connector")

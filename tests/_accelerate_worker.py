@@ -205,6 +205,10 @@ def main(out_dir: str, mode: str) -> None:
         for name, teacher_dtype in (("bf16_teacher_fp32", None), ("bf16_teacher_bf16", "bf16")):
             mixed_precision(teacher_dtype, results.setdefault(name, {}))
     Path(out_dir, f"rank{state.process_index}.json").write_text(json.dumps(results))
+    # gloo's threads must be joined before the interpreter exits, or a rank can abort at exit
+    # ("terminate called without an active exception")
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

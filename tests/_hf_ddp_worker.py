@@ -32,3 +32,5 @@ if __name__ == "__main__":
               "connector": [p.detach().flatten().tolist() for p in trainer.distiller.parameters()],
               "log": [e for e in trainer.state.log_history if "loss" in e]}
     (directory / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()  # join gloo's threads before exit
