@@ -6,10 +6,11 @@ Each kind is a factory ``(student_shape, teacher_shape) -> nn.Module`` that rais
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kdhooks
+
+from ._layers import resized
 
 
 class Resize2d(nn.Module):
@@ -20,11 +21,7 @@ class Resize2d(nn.Module):
         self.size = tuple(size)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        if tuple(feature.shape[-2:]) == self.size:
-            return feature
-        if feature.shape[-2] >= self.size[0] and feature.shape[-1] >= self.size[1]:
-            return F.adaptive_avg_pool2d(feature, self.size)
-        return F.interpolate(feature, size=self.size, mode="bilinear", align_corners=False)
+        return resized(feature, self.size)
 
     def extra_repr(self) -> str:
         return f"size={self.size}"

@@ -28,6 +28,8 @@ from torch import nn
 
 import kdhooks
 
+from .logits import kd_loss
+
 
 def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """Intersection over union of every box in ``boxes`` (N, 4) with every box in ``others`` (M, 4)."""
@@ -114,11 +116,8 @@ def ld_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, temper
     """T² · KL(softmax(t/T) ‖ softmax(s/T)) per box edge (rows of bin logits), mean over edges."""
     if student_corners.shape[0] == 0:
         return student_corners.sum() * 0.0
-    bins = student_corners.shape[-1]
-    student_log_probs = F.log_softmax(student_corners.float().reshape(-1, bins) / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_corners.float().reshape(-1, bins) / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(dim=-1)
-    return kl.mean() * temperature**2
+    # rows of bin logits are rows of class logits: Hinton's tempered KL, averaged over edges
+    return kd_loss(student_corners, teacher_corners, temperature)
 
 
 def _levels(value: Any) -> list[torch.Tensor]:

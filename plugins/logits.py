@@ -1,7 +1,7 @@
 """Matching the teacher's output logits."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,6 @@ class KD(kdhooks.Term):
     """Distilling the knowledge in a neural network (Hinton, Vinyals & Dean 2015)."""
 
     temperature: kdhooks.Positive = 4.0
-    variant: Literal["kl", "l2"] = "kl"
     student: str = "logits"
     teacher: str = "logits"
 
@@ -52,8 +51,6 @@ class KD(kdhooks.Term):
 
     def loss(self, ctx: kdhooks.LossContext, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor) -> torch.Tensor:
-        if self.variant == "l2":
-            return logits_l2_loss(student_logits, teacher_logits)
         return kd_loss(student_logits, teacher_logits, self.temperature)
 
 

@@ -22,13 +22,7 @@ import kdhooks
 
 from ._branches import BranchedHead, reinitialized
 from ._layers import known
-
-
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(t/T) ‖ softmax(s/T)) · T², averaged over samples, in float32."""
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True) * temperature**2
+from .logits import kd_loss
 
 
 def _labels(ctx: kdhooks.LossContext, term: kdhooks.Term) -> torch.Tensor:
@@ -43,7 +37,7 @@ def _labels(ctx: kdhooks.LossContext, term: kdhooks.Term) -> torch.Tensor:
 def dml_losses(logits: Sequence[torch.Tensor], temperature: float = 1.0) -> list[torch.Tensor]:
     """Each network's mimicry loss: the mean over the others l of KL(p_l ‖ p_k), the others detached."""
     others = len(logits) - 1
-    return [sum(soft_kl(own, other.detach(), temperature) for j, other in enumerate(logits) if j != k) / others
+    return [sum(kd_loss(own, other.detach(), temperature) for j, other in enumerate(logits) if j != k) / others
             for k, own in enumerate(logits)]
 
 
@@ -108,7 +102,7 @@ def one_loss(branch_logits: torch.Tensor, gate: torch.Tensor, labels: torch.Tens
     """ONE's objective: Σ_i CE(z_i) + CE(z_e) + T² Σ_i KL(p_e ‖ p_i), the ensemble z_e detached as teacher."""
     ensemble = gated_ensemble(branch_logits, gate)
     ce = sum(F.cross_entropy(z.float(), labels) for z in branch_logits) + F.cross_entropy(ensemble.float(), labels)
-    return ce + sum(soft_kl(z, ensemble.detach(), temperature) for z in branch_logits)
+    return ce + sum(kd_loss(z, ensemble.detach(), temperature) for z in branch_logits)
 
 
 def _pooled(trunk: torch.Tensor) -> torch.Tensor:
@@ -174,7 +168,7 @@ class OnTheFlyNativeEnsemble(kdhooks.Term):
         ensemble = gated_ensemble(branch_logits, gate)
         # CE(z_0) is the task loss already
         ce = sum(F.cross_entropy(z.float(), labels) for z in [*branch_logits[1:], ensemble])
-        kd = sum(soft_kl(z, ensemble.detach(), self.temperature) for z in branch_logits)
+        kd = sum(kd_loss(z, ensemble.detach(), self.temperature) for z in branch_logits)
         return {"ce": ce, "kd": kd}
 
 
@@ -186,7 +180,7 @@ def byot_loss(shallow_logits: torch.Tensor, shallow_feature: torch.Tensor, deepe
               hint_weight: float = 0.05) -> torch.Tensor:
     """One shallow head: (1−α)·CE(q_i, y) + α·T²·KL(q_C ‖ q_i) + λ·mean (F_i − F_C)², the deepest detached."""
     ce = F.cross_entropy(shallow_logits.float(), labels)
-    kd = soft_kl(shallow_logits, deepest_logits.detach(), temperature)
+    kd = kd_loss(shallow_logits, deepest_logits.detach(), temperature)
     hint = F.mse_loss(shallow_feature.float(), deepest_feature.detach().float())
     return (1 - alpha) * ce + alpha * kd + hint_weight * hint
 

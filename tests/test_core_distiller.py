@@ -81,13 +81,13 @@ def test_kd_equals_a_hand_computation():
     assert kd.last_losses["total"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_l2_variant_is_mean_squared_logits():
+def test_logits_l2_is_mean_squared_logits():
     student, teacher = pair()
     x, y = batch()
-    with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "kd", "variant": "l2"}]}) as kd:
+    with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "logits_l2"}]}) as kd:
         s_logits = student(x)
         kd(None)
-    assert kd.last_losses["kd"] == pytest.approx(((s_logits - teacher.eval()(x)) ** 2).mean().item(), rel=1e-5)
+    assert kd.last_losses["logits_l2"] == pytest.approx(((s_logits - teacher.eval()(x)) ** 2).mean().item(), rel=1e-5)
 
 
 def test_gradients_reach_student_and_connector_never_teacher():

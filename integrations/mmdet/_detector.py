@@ -1,117 +1,25 @@
-"""MMDetection (mmengine) integration: a detector in ``MODELS`` that distills a student from a teacher.
-
-In an ordinary mmdet config::
-
-    custom_imports = dict(imports=['kdhooks.integrations.mmdet'], allow_failed_imports=False)
-    model = dict(type='DistilledDetector',
-                 student=dict(type='RetinaNet', ...),          # any single-stage detector config
-                 teacher='teacher_config.py',                   # or a detector config
-                 teacher_ckpt='teacher.pth',
-                 kd=dict(terms=[dict(kind='det_cls_kd', weight=1.0)]))   # a kdhooks config (or a YAML path)
-
-This module translates, nothing more. The distilled detector is the model the
-Runner builds, wraps (DDP), optimizes and checkpoints: the student and the
-Distiller's connectors are its submodules, the teacher is not (it is loaded
-from ``teacher_ckpt``, kept frozen in eval mode, left out of checkpoints and
-the optimizer, and moved with the model). ``loss`` mode returns the student's
-losses plus each term as ``loss_kd_<name>``; ``predict`` and ``tensor`` are
-the student's. The teacher runs under no_grad on the student's preprocessed
-inputs: backbone, neck and head (as in ``tensor`` mode, called as modules so
-that taps record). The Distiller's step follows the Runner's iteration (from
-the message hub), so schedules run per iteration. Ground truth reaches the
-terms in the step's extras: ``data_samples`` and, for the terms that ask, the
-tensors ``kdhooks.plugins.detection`` describes (gt boxes, anchors, the
-student head's regression targets and positives), taken from the student
-head's own anchor generator and assigner.
-
-Checkpoints: torch 2.6+ loads with ``weights_only=True``; importing this
-module allows exactly what mmengine checkpoints hold besides tensors (see
-``allow_mmengine_checkpoints``), and mmengine's local checkpoint loader
-allows it again at each load. ``kdhooks mmdet export`` writes the student
-alone, which plain mmdet loads with the student's config.
-"""
+"""The distilled detector: a model in mmdet's ``MODELS`` whose loss adds a kdhooks Distiller's terms."""
 from __future__ import annotations
 
-import argparse
-import pickle
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from mmdet.registry import MODELS
 from mmengine.config import Config, ConfigDict
-from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.logging import MessageHub
 from mmengine.model import BaseModel
-from mmengine.runner import CheckpointLoader, load_checkpoint
-from mmengine.runner.checkpoint import load_from_local
+from mmengine.runner import load_checkpoint
 from torch import nn
 
 import kdhooks
 
-__all__ = ["DistilledDetector", "allow_mmengine_checkpoints", "export_student", "register_cli"]
+from ._checkpoints import allow_mmengine_checkpoints, mmengine_checkpoint_loader
 
-STUDENT_PREFIX = "student."
 _HEAD_TARGETS = {"reg_targets", "reg_weights", "positives"}
 
-
-# --- checkpoints under torch.load(weights_only=True) ------------------------------------------
-
-def _history_buffer_method(owner: Any, name: str) -> Any:
-    """The one ``getattr`` an mmengine checkpoint pickles: a HistoryBuffer statistics method, by name."""
-    if owner is HistoryBuffer and (name in HistoryBuffer._statistics_methods
-                                   or name in ("min", "max", "current", "mean")):
-        return getattr(HistoryBuffer, name)
-    raise pickle.UnpicklingError(f"refusing getattr({owner!r}, {name!r}): only HistoryBuffer statistics "
-                                 f"methods are allowed in a checkpoint")
-
-
-def allow_mmengine_checkpoints() -> None:
-    """Let ``torch.load(weights_only=True)`` read mmengine checkpoints, allowing exactly what they hold.
-
-    Besides tensors a Runner checkpoint holds its message hub's
-    ``HistoryBuffer`` logs (numpy arrays inside, and a ``getattr`` on
-    HistoryBuffer for its statistics methods) and numpy scalars. Allowed: the
-    HistoryBuffer class, numpy's array and scalar reconstruction with the
-    plain numeric dtypes, and ``getattr`` replaced by a function that returns
-    a HistoryBuffer statistics method and refuses anything else. Every other
-    global still fails to load; ``weights_only=False`` is never used.
-    """
-    if torch.__version__ < (2, 6):
-        return  # before torch 2.6 torch.load defaults to weights_only=False: mmengine's loads need nothing
-    core = getattr(np, "_core", None) or np.core
-    dtype_classes = [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
-                                                  np.uint16, np.uint32, np.uint64, np.float16, np.float32,
-                                                  np.float64)]
-    torch.serialization.add_safe_globals([
-        HistoryBuffer, np.ndarray, np.dtype, *dtype_classes,
-        # numpy 2 pickles as numpy._core, numpy 1 as numpy.core: allow both names
-        (core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
-        (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-        (core.multiarray.scalar, "numpy._core.multiarray.scalar"),
-        (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-        (_history_buffer_method, "builtins.getattr"),
-    ])
-
-
-def _load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
-    """mmengine's loader of local checkpoints (teacher_ckpt, load_from, resume) with those globals allowed.
-
-    Allowed again at every load: a library's ``torch.serialization.safe_globals``
-    context (the transformers Trainer's, for one) removes the globals it lists
-    on exit, numpy's included, even when someone else had allowed them.
-    """
-    allow_mmengine_checkpoints()
-    return load_from_local(filename, map_location)
-
-
-allow_mmengine_checkpoints()
-CheckpointLoader.register_scheme(prefixes="", loader=_load_local_checkpoint, force=True)
-
-
-# --- the model ------------------------------------------------------------------------------------
 
 def _config(value: Any) -> Any:
     """mmdet reads options as attributes (``test_cfg.nms``): plain dicts become ConfigDicts."""
@@ -128,7 +36,8 @@ def build_teacher(teacher: Any, teacher_ckpt: str | None) -> nn.Module:
         teacher = Config.fromfile(str(teacher)).model
     model = teacher if isinstance(teacher, nn.Module) else MODELS.build(_config(teacher))
     if teacher_ckpt is not None:
-        load_checkpoint(model, str(teacher_ckpt), map_location="cpu", strict=True, logger="current")
+        with mmengine_checkpoint_loader():
+            load_checkpoint(model, str(teacher_ckpt), map_location="cpu", strict=True, logger="current")
     elif hasattr(model, "init_weights"):
         warnings.warn("DistilledDetector: no teacher_ckpt; the teacher has the weights its init_cfg gives",
                       stacklevel=3)
@@ -165,6 +74,9 @@ class DistilledDetector(BaseModel):
     def __init__(self, student: Any, teacher: Any, kd: Any, teacher_ckpt: str | None = None,
                  example_size: tuple[int, int] = (128, 128), data_preprocessor: Any = None,
                  init_cfg: Any = None):
+        # the Runner builds the model before it loads `load_from` or resumes: allow the checkpoint globals
+        # again here, in case another library's safe_globals context has removed them since import
+        allow_mmengine_checkpoints()
         student_model = student if isinstance(student, nn.Module) else MODELS.build(_config(student))
         super().__init__(data_preprocessor=data_preprocessor or student_model.data_preprocessor, init_cfg=init_cfg)
         self.student = student_model
@@ -280,61 +192,3 @@ def _head_targets(head: nn.Module, sizes: list[tuple], data_samples: list, devic
     labels, _, reg_targets, reg_weights = targets[:4]
     positives = [(level >= 0) & (level < head.num_classes) for level in labels]
     return {"reg_targets": list(reg_targets), "reg_weights": list(reg_weights), "positives": positives}
-
-
-# --- the student alone ----------------------------------------------------------------------------
-
-def export_student(checkpoint: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
-    """Write the student's weights from a DistilledDetector checkpoint as a plain mmdet checkpoint.
-
-    With ``config`` (the distillation config) the student's config is written next to it as ``<out>.py``.
-    """
-    if not Path(checkpoint).is_file():
-        raise kdhooks.ConfigError(str(checkpoint), "checkpoint not found", value=str(checkpoint),
-                                  fix="pass a checkpoint the Runner saved (work_dir/iter_N.pth)")
-    allow_mmengine_checkpoints()
-    state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    weights = state.get("state_dict", state)
-    student = {key[len(STUDENT_PREFIX):]: value for key, value in weights.items() if key.startswith(STUDENT_PREFIX)}
-    if not student:
-        raise kdhooks.ConfigError(str(checkpoint), "no 'student.' weights: not a DistilledDetector checkpoint",
-                                  fix="pass a checkpoint the Runner saved while training a DistilledDetector")
-    meta = {key: value for key, value in state.get("meta", {}).items() if key != "cfg"}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"meta": meta, "state_dict": student}, out)
-    if config is not None:
-        cfg = Config.fromfile(str(config))
-        if cfg.model.get("type") != "DistilledDetector":
-            raise kdhooks.ConfigError(f"{config}:model.type", "not a DistilledDetector config",
-                                      value=cfg.model.get("type"), fix="pass the distillation config")
-        cfg.model = cfg.model.student
-        imports = [m for m in cfg.get("custom_imports", {}).get("imports", []) if not m.startswith("kdhooks")]
-        if "custom_imports" in cfg:
-            if imports:
-                cfg.custom_imports.imports = imports
-            else:
-                cfg.pop("custom_imports")
-        cfg.load_from, cfg.resume = str(out), False
-        cfg.dump(str(out.with_suffix(".py")))
-    return out
-
-
-def _export(args: argparse.Namespace) -> int:
-    out = export_student(args.checkpoint, args.out, args.config)
-    print(f"wrote the student's weights to {out}" + (f" and its config to {out.with_suffix('.py')}"
-                                                     if args.config else ""))
-    return 0
-
-
-def register_cli(commands: argparse._SubParsersAction) -> None:
-    """``kdhooks mmdet export CHECKPOINT OUT [--config KD_CONFIG]``."""
-    mmdet = commands.add_parser("mmdet", help="MMDetection: export the distilled student")
-    actions = mmdet.add_subparsers(dest="mmdet_command", required=True)
-    export = actions.add_parser("export", help="write the student alone from a DistilledDetector checkpoint, "
-                                "loadable by plain mmdet")
-    export.add_argument("checkpoint", help="a checkpoint the Runner saved (e.g. work_dir/iter_400.pth)")
-    export.add_argument("out", help="the student-only checkpoint to write")
-    export.add_argument("--config", default=None, help="the distillation config: also write the student's "
-                        "config as OUT with a .py suffix")
-    export.set_defaults(run=_export)
