@@ -47,7 +47,10 @@ def load_config(source: str | os.PathLike | dict | DistillConfig | None) -> Dist
         try:
             source = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(origin, f"not valid YAML: {error}", fix="check the indentation and colons") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f"{origin}:{mark.line + 1}:{mark.column + 1}" if mark is not None else origin
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())
+            raise ConfigError(where, f"not valid YAML: {problem}", fix="check the indentation and colons") from None
         if not isinstance(source, dict):
             raise ConfigError(origin, "a config is a mapping with `terms:`", value=source,
                               fix="write `terms: [{kind: kd, weight: 1}]`")

@@ -5,6 +5,7 @@ import functools
 import gc
 import operator
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+# restore_modes and training_modes: _dry_run imports them from here
+from ._attach import check_separate, freeze, restore_modes, training_modes  # noqa: F401
 from ._config import DistillConfig, build_terms, load_config, parse_number
 from ._context import LossContext, default_teacher_loss
 from ._dry_run import dry_run
@@ -23,6 +26,7 @@ from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
 from ._recorder import CaptureError, Recorder, model_hook
 from ._schedule import value_at
 from ._taps import Tap, resolve_module, resolve_parameter, use_eager_attention
+from ._term import Term, check_options
 
 TeacherCall = Callable[[nn.Module, tuple, dict], Any]
 
@@ -88,6 +92,9 @@ class Distiller(nn.Module):
             self._pm, self.registry = plugin_manager(self.config.plugins, self.config.disable_plugins)
             self.task_weight = parse_number(self.config.task_weight, self.registry, "task_weight")
             self.terms = build_terms(self.config, self.registry)
+            for term in self.config.terms:
+                if isinstance(term, Term):
+                    check_options(term)  # made in Python: validated like the config's terms, before attaching
             if not self.terms:
                 warnings.warn("the config has no terms: this Distiller only scales the task loss by task_weight "
                               "(add terms, e.g. `terms: [{kind: kd, temperature: 4}]`)", UserWarning, stacklevel=2)
@@ -140,7 +147,7 @@ class Distiller(nn.Module):
         if not isinstance(module, nn.Module):
             raise ConfigError(role, f"the {role} must be a torch.nn.Module, got {type(module).__name__}")
         if role != "student":
-            self._check_separate(role, module, shared_allowed=trainable)
+            check_separate(role, module, {r: m.module for r, m in self._models.items()}, shared_allowed=trainable)
         self._models[role] = _Model(module, trainable, call)
         if role == "student":
             return
@@ -149,45 +156,7 @@ class Distiller(nn.Module):
             if owner is not None:
                 self._owned.setdefault(owner, []).append(module)
             return
-        modes = training_modes(module)
-        frozen = [p for p in module.parameters() if p.requires_grad]
-        module.eval()
-        for p in frozen:
-            p.requires_grad_(False)
-
-        def restore() -> None:
-            for p in frozen:
-                p.requires_grad_(True)
-            restore_modes(modes)
-        self._undo.append(restore)
-
-    def _check_separate(self, role: str, module: nn.Module, shared_allowed: bool) -> None:
-        """A ConfigError if ``module`` is, or (a frozen teacher) shares a module or parameter with, an attached model.
-
-        Trainable peers may share parts with the student (ONE's shared trunk); a teacher may not.
-        """
-        for other_role, other in self._models.items():
-            if module is other.module:
-                raise ConfigError(role, f"the {role} is the same module as the {other_role}", fix=
-                                  "pass a separate model (copy.deepcopy(model) for a born-again teacher); "
-                                  "self-distillation from one model needs no teacher (teacher=None)")
-            if shared_allowed:
-                continue
-            theirs = {id(m): name for name, m in other.module.named_modules() if name}
-            for name, sub in module.named_modules():
-                stateful = any(True for _ in sub.parameters()) or any(True for _ in sub.buffers())
-                if name and id(sub) in theirs and stateful:
-                    raise ConfigError(role, f"the {role}'s {name!r} is the {other_role}'s "
-                                      f"{theirs[id(sub)]!r}: a shared module would be frozen for the "
-                                      f"{other_role} and its statistics (BatchNorm) updated by both",
-                                      fix=f"give the {role} its own copy: {role}.{name} = "
-                                      f"copy.deepcopy({other_role}.{theirs[id(sub)]})")
-            params = {id(p): name for name, p in other.module.named_parameters()}
-            for name, p in module.named_parameters():
-                if id(p) in params:
-                    raise ConfigError(role, f"the {role}'s parameter {name!r} is the {other_role}'s "
-                                      f"{params[id(p)]!r}: freezing the {role} would freeze it for the "
-                                      f"{other_role}", fix=f"give the {role} its own copy of the parameter")
+        self._undo.append(freeze(module))
 
     def _claim(self, student: nn.Module) -> None:
         """Refuse a second live Distiller on ``student``; register this one as its Distiller."""
@@ -295,13 +264,12 @@ class Distiller(nn.Module):
 
     def plugin_of(self, term: Any) -> str:
         """The plugin that registered ``term``'s kind, with its package and version (for error messages)."""
-        from ._manager import installed_plugins
+        from ._manager import describe_plugin
 
-        name = self.registry.origin.get(("term", getattr(term, "kind", "")), "?") if hasattr(self, "registry") else "?"
-        for info in installed_plugins():
-            if info.name == name:
-                return f"{name} ({info.package} {info.version})"
-        return name
+        registry = getattr(self, "registry", None)
+        name = registry.origin.get(("term", getattr(term, "kind", ""))) if registry is not None else None
+        # a term class made in Python and never registered: its module
+        return describe_plugin(name or type(term).__module__)
 
     def parameter_of(self, tap: Tap) -> torch.Tensor:
         return self._params[tap]
@@ -424,7 +392,9 @@ class Distiller(nn.Module):
     def _run(self, role: str, args: tuple, kwargs: dict) -> Any:
         model = self._models[role]
         if model.trainable:
-            model.module.train(self.student.training)
+            if model.module.training != self.student.training:
+                # only when the root's mode differs: a submodule the user froze in eval stays so
+                model.module.train(self.student.training)
             grad = torch.is_grad_enabled() and not self._dry
         else:
             if model.module.training:
@@ -473,8 +443,8 @@ class Distiller(nn.Module):
             self._undo.pop()()
 
     def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
+        if getattr(self, "_closed", True) or sys.is_finalizing():
+            return  # at interpreter exit the process ends anyway, and torch may already be torn down
         warnings.warn("a Distiller was garbage-collected without close(): its hooks are removed and its "
                       "teacher unfrozen now; call kd.close() or use `with Distiller(...) as kd:`",
                       ResourceWarning, stacklevel=2)
@@ -497,16 +467,6 @@ class Distiller(nn.Module):
     def extra_repr(self) -> str:
         terms = ", ".join(f"{t.name}({t.kind})" for t in getattr(self, "terms", []))
         return f"step={self.step}, terms=[{terms}]"
-
-
-def training_modes(model: nn.Module) -> dict[nn.Module, bool]:
-    """Each submodule's own train/eval mode (a frozen BatchNorm in eval inside a training model)."""
-    return {module: module.training for module in model.modules()}
-
-
-def restore_modes(modes: dict[nn.Module, bool]) -> None:
-    for module, training in modes.items():
-        module.training = training
 
 
 def _call_module(module: nn.Module, args: tuple, kwargs: dict) -> Any:

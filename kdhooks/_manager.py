@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -42,6 +43,29 @@ def installed_plugins() -> tuple[PluginInfo, ...]:
                                   value=ep.name, fix="uninstall one, or ask its author to rename the entry point")
             found[ep.name] = info
     return tuple(sorted(found.values(), key=lambda p: (p.package != "kdhooks", p.name)))
+
+
+def describe_plugin(plugin: str) -> str:
+    """``plugin`` (a pluggy name) with the package and version it comes from, for error messages.
+
+    An entry point's distribution is known; a module named in a config's ``plugins:`` is looked up among the
+    installed distributions by its top-level package, else named by its file.
+    """
+    for info in installed_plugins():
+        if info.name == plugin:
+            return f"{plugin} ({info.package} {info.version})"
+    for dist in _distributions_of_modules().get(plugin.split(".")[0], []):
+        try:
+            return f"{plugin} ({dist} {importlib.metadata.version(dist)})"
+        except importlib.metadata.PackageNotFoundError:
+            continue  # uninstalled since the table was read
+    path = getattr(sys.modules.get(plugin), "__file__", None)
+    return f"{plugin} (not installed: {path})" if path else plugin
+
+
+@lru_cache(maxsize=1)
+def _distributions_of_modules() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
 
 
 def _import(module: str, location: str) -> ModuleType:

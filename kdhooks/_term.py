@@ -1,9 +1,11 @@
 """The loss term: options as typed fields, taps, a formula."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -96,7 +98,8 @@ class Term(Options):
             raise ConfigError(f"{self.location}.teacher_role", f"no teacher is attached as {self.teacher_role!r}",
                               value=self.teacher_role, fix=did_you_mean(self.teacher_role, distiller.roles)
                               or f"attached: {', '.join(distiller.roles)}")
-        declared = self.taps()
+        with _blamed(self, distiller, "taps()"):
+            declared = self.taps()
         _check_declared(self, declared, distiller)
         self._taps, self._locations = {}, {}
         for name, tap in declared.items():
@@ -117,7 +120,8 @@ class Term(Options):
     @hookimpl
     def kdhooks_build(self, distiller: Distiller, shapes: dict[Any, Any]) -> None:
         if all(tap in shapes for tap in self._taps.values()):
-            self.check({name: shapes[tap] for name, tap in self._taps.items()})
+            with _blamed(self, distiller, "check()"):
+                self.check({name: shapes[tap] for name, tap in self._taps.items()})
             self._checked = True
         if type(self).build is Term.build:
             return
@@ -126,7 +130,8 @@ class Term(Options):
             raise ConfigError(self.location, f"term {self.name!r} sizes its connectors from the "
                               f"shapes of {missing}, which are not known",
                               fix="pass example_inputs= to Distiller so a dry pass can record them")
-        self.build(distiller, {name: shapes[tap] for name, tap in self._taps.items()})
+        with _blamed(self, distiller, "build()"):
+            self.build(distiller, {name: shapes[tap] for name, tap in self._taps.items()})
 
     @hookimpl
     def kdhooks_losses(self, ctx: LossContext) -> dict[str, torch.Tensor]:
@@ -142,11 +147,12 @@ class Term(Options):
             value = self.loss(ctx, **captures)
         except Exception as error:
             if hasattr(error, "add_note"):
-                error.add_note(f"in loss term {self.name!r} (kind {self.kind!r}, {ctx.distiller.plugin_of(self)})")
+                error.add_note(f"in loss term {self.name!r} (kind {self.kind!r}, from plugin "
+                               f"{ctx.distiller.plugin_of(self)})")
             raise
         if isinstance(value, dict):
             for part, v in value.items():
-                self._check_value(ctx, v, captures, f"{self.name}.{part}")
+                self._check_value(ctx, v, captures, f"{self.name}.{part}" if part else self.name)
             return {f"{self.name}.{part}" if part else self.name: _weighted(self.weight, v)
                     for part, v in value.items()}
         self._check_value(ctx, value, captures, self.name)
@@ -163,9 +169,26 @@ class Term(Options):
         if not value.requires_grad and not self._warned_detached and torch.is_grad_enabled() \
                 and any(_requires_grad(v) for v in captures.values()):
             self._warned_detached = True
-            warnings.warn(f"loss term {part!r} (kind {self.kind!r}) returned a tensor without a gradient although "
+            warnings.warn(f"loss term {part!r} (kind {self.kind!r}, from plugin {ctx.distiller.plugin_of(self)}) "
+                          f"returned a tensor without a gradient although "
                           f"its inputs have one: it counts in the loss but trains nothing (a .detach(), .item() "
                           f"or torch.no_grad() in its loss?)", RuntimeWarning, stacklevel=2)
+
+
+def check_options(term: Term) -> None:
+    """Validate a term made in Python (``KD(temperature=0.0)``) as a config's term is: each option in its range,
+    a scheduled one at every key step of its schedule. A ConfigError naming the option otherwise."""
+    values = {name: getattr(term, name) for name in term.option_names()}
+    schedules = {name: value for name, value in values.items() if isinstance(value, Schedule)}
+    for step in sorted({0, *(s for schedule in schedules.values() for s in schedule.key_steps())}):
+        try:
+            type(term).validate({**values, **{name: schedule(step) for name, schedule in schedules.items()}},
+                                term.location)
+        except ConfigError as error:
+            if step == 0:
+                raise
+            raise ConfigError(error.location, f"at step {step} its schedule gives {error.value!r}: {error.problem}",
+                              value=error.value, fix="keep the schedule's values in the option's range") from None
 
 
 def _check_declared(term: Term, declared: Any, distiller: Distiller) -> None:
@@ -187,11 +210,33 @@ def _check_declared(term: Term, declared: Any, distiller: Distiller) -> None:
                                                      inspect.Parameter.KEYWORD_ONLY)}
     required = {p.name for p in parameters if p.default is inspect.Parameter.empty
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
-    unknown, missing = set(declared) - named, required - set(declared)
+    unknown, missing = sorted(set(declared) - named), sorted(required - set(declared))
     if unknown or missing:
-        raise PluginError(term, plugin, f"taps() and loss() disagree: taps() names {sorted(declared)}, loss(ctx, ...) "
-                          f"takes {sorted(named)}", fix=(f"rename tap {sorted(unknown)[0]!r} to a parameter of loss()"
-                          if unknown else f"add a tap named {sorted(missing)[0]!r} or give that parameter a default"))
+        sides = ([f"tap {unknown} is not a parameter of loss()"] if unknown else []) + \
+                ([f"loss() parameter {missing} has no tap"] if missing else [])
+        if len(unknown) == 1 and len(missing) == 1:
+            fix = f"rename tap {unknown[0]!r} to {missing[0]!r}"
+        elif unknown and named - set(declared):
+            fix = f"rename tap {unknown[0]!r} to one of loss()'s untapped parameters {sorted(named - set(declared))}"
+        elif unknown:
+            fix = f"add a parameter {unknown[0]!r} to loss(), or remove that tap from taps()"
+        else:
+            fix = f"add a tap named {missing[0]!r} to taps(), or give that parameter of loss() a default"
+        raise PluginError(term, plugin, f"taps() and loss() disagree: {'; '.join(sides)} (taps() names "
+                          f"{sorted(declared)}, loss(ctx, ...) takes {sorted(named)})", fix=fix)
+
+
+@contextlib.contextmanager
+def _blamed(term: Term, distiller: Distiller, method: str) -> Iterator[None]:
+    """An unexpected exception from a plugin's ``method`` gets a note naming the term, its kind and its plugin."""
+    try:
+        yield
+    except (ConfigError, PluginError):
+        raise  # these name the term already
+    except Exception as error:
+        error.add_note(f"in {method} of loss term {term.name!r} (kind {term.kind!r}, from plugin "
+                       f"{distiller.plugin_of(term)})")
+        raise
 
 
 def _requires_grad(value: Any) -> bool:
