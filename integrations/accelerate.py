@@ -72,6 +72,7 @@ def prepare(accelerator: Accelerator, *objects: Any, teacher_dtype: torch.dtype 
     for role in distiller.roles:
         if role != "student" and not distiller.is_trainable(role):
             _prepare_teacher(accelerator, distiller, role, dtype)
+    distiller.counts_steps = False  # it counts updates, not micro-batches
     distiller.register_forward_hook(_Updates(accelerator, log_prefix))
     prepared.insert(index, wrapped)
     return tuple(prepared) if len(prepared) > 1 else prepared[0]
@@ -130,27 +131,18 @@ class _Updates:
     def __init__(self, accelerator: Accelerator, prefix: str):
         self.accelerator = accelerator
         self.prefix = prefix
-        self.sums: dict[str, float] = {}
-        self.micro_batches = 0
+        self.meter = kdhooks.LossMeter()
 
     def __call__(self, distiller: kdhooks.Distiller, args: tuple, output: Any) -> None:
         if self.accelerator.trackers:  # only the main process has trackers: no host sync elsewhere
-            values = {**distiller.last_losses, **_scalars(distiller.last_metrics)}
-            for name, value in values.items():
-                self.sums[name] = self.sums.get(name, 0.0) + value
-            self.micro_batches += 1
+            self.meter.add(distiller)
         if not self.accelerator.sync_gradients:
-            distiller.step -= 1  # the update is not finished: its micro-batches share one step
-            return
-        if self.micro_batches:
-            self.accelerator.log({self.prefix + name: total / self.micro_batches
-                                  for name, total in self.sums.items()}, step=distiller.step)
-        self.sums, self.micro_batches = {}, 0
-
-
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {name: float(value) for name, value in metrics.items()
-            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)}
+            return  # the update is not finished: its micro-batches share one step
+        distiller.step += 1
+        if self.meter.steps:
+            self.accelerator.log({self.prefix + name: mean for name, mean in self.meter.means().items()},
+                                 step=distiller.step)
+        self.meter.reset()
 
 
 def _engine_trains_one_model(accelerator: Accelerator) -> bool:

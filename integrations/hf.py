@@ -64,8 +64,7 @@ class DistillationMixin:
             example_inputs = self._example_batch()
         self.distiller = kdhooks.Distiller(self.model, teacher, kd_config, example_inputs=example_inputs,
                                            teacher_call=self._call_teacher)
-        self._logged_sums: dict[str, float] = {}
-        self._logged_steps = 0
+        self._meter = kdhooks.LossMeter()
         self.add_callback(_DistillerCallback(self.distiller))
 
     # --- the teacher ------------------------------------------------------------------------
@@ -117,11 +116,7 @@ class DistillationMixin:
         scale = self.current_gradient_accumulation_steps if scaled else 1
         with self.accelerator.autocast():
             loss = self.distiller(None if task_loss is None else task_loss * scale, **extras) / scale
-        for name, value in self.distiller.last_losses.items():
-            self._logged_sums[name] = self._logged_sums.get(name, 0.0) + value
-        for name, value in self.distiller.last_metrics.items():
-            self._logged_sums[name] = self._logged_sums.get(name, 0.0) + float(value)
-        self._logged_steps += 1
+        self._meter.add(self.distiller)
         return (loss, outputs) if return_outputs else loss
 
     def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
@@ -189,13 +184,14 @@ class DistillationMixin:
     # --- logging ----------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._logged_steps:
-            names = sorted(self._logged_sums)
-            means = torch.tensor([self._logged_sums[n] / self._logged_steps for n in names], dtype=torch.float64)
+        if "loss" in logs and self._meter.steps:
+            logged = self._meter.means()
+            names = sorted(logged)
+            means = torch.tensor([logged[n] for n in names], dtype=torch.float64)
             if self.accelerator.num_processes > 1:
                 means = self.accelerator.reduce(means.to(self.args.device), reduction="mean").cpu()
             logs.update({f"{LOG_PREFIX}{name}": float(value) for name, value in zip(names, means)})
-            self._logged_sums, self._logged_steps = {}, 0
+            self._meter.reset()
         super().log(logs, *args, **kwargs)
 
     # --- checkpoints ----------------------------------------------------------------------------
@@ -206,7 +202,7 @@ class DistillationMixin:
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, (str, os.PathLike)):
             self._load_distiller_state(checkpoint)
-        self._logged_sums, self._logged_steps = {}, 0
+        self._meter.reset()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_distiller_state(self, checkpoint: str | os.PathLike) -> None:

@@ -409,7 +409,7 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"config {args.config}: valid")
         for term in kd.terms:
             print(f"  term {term.name} ({term.kind}) weight={term.weight}")
-        for tap, location in kd._taps.items():
+        for tap, location in kd.taps.items():
             print(f"  tap {location}: {tap.role} {tap.path or '(output)'} [{tap.kind}]")
         for name, module in kd.connectors.items():
             count = sum(p.numel() for p in module.parameters())

@@ -6,6 +6,7 @@ import gc
 import operator
 import os
 import sys
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -71,6 +72,8 @@ class Distiller(nn.Module):
         self.peers = nn.ModuleDict()
         # per-step state lives in a plain dict: nn.Module.__setattr__ is too slow for every step
         self._now: dict[str, Any] = {"step": 0, "task_weight": 1.0, "losses": {}, "metrics": {}}
+        # an integration whose loop owns the step count (micro-batches of one update share a step) sets False
+        self.counts_steps = True
         self.teacher_loss = teacher_loss or default_teacher_loss
         self._models: dict[str, _Model] = {}
         self._taps: dict[Tap, str] = {}
@@ -289,13 +292,24 @@ class Distiller(nn.Module):
         return zero
 
     @property
+    def taps(self) -> Mapping[Tap, str]:
+        """Every installed tap with the config location that asked for it (read-only)."""
+        return types.MappingProxyType(self._taps)
+
+    @property
     def step(self) -> int:
-        """Steps taken; an integration may set it from its own global step."""
+        """The step schedules read. Each loss advances it by one unless ``counts_steps`` is False, where an
+        integration sets it from its own counter (the Trainer's global step, the Runner's iteration)."""
         return self._now["step"]
 
     @step.setter
     def step(self, value: int) -> None:
         self._now["step"] = int(value)
+
+    @property
+    def current_task_weight(self) -> float:
+        """``task_weight`` at the current step (a schedule's value, or the number)."""
+        return float(value_at(self.task_weight, self.step))
 
     @property
     def last_losses(self) -> dict[str, float]:
@@ -349,7 +363,8 @@ class Distiller(nn.Module):
         losses["total"] = total.detach()
         self._now["losses"] = losses
         self._pm.hook.kdhooks_step_end(distiller=self, losses=dict(losses))
-        self._now["step"] += 1
+        if self.counts_steps:
+            self._now["step"] += 1
         return parts, total
 
     def _set_step_values(self) -> None:

@@ -92,10 +92,11 @@ def _in_place_problem(distiller: Distiller, error: CaptureError) -> str:
         parent = model.get_submodule(parent_path) if parent_path else model
     except AttributeError:
         return error.problem
-    in_place = [name for name, m in parent.named_children() if getattr(m, "inplace", False)]
+    # with the type: nn.Hardswish's repr does not show inplace=True, so '2' alone would not say which op
+    in_place = [f"{name!r} ({type(m).__name__})" for name, m in parent.named_children() if getattr(m, "inplace", False)]
     where = f"{type(parent).__name__} {parent_path!r}" if parent_path else f"the {tap.role}'s forward"
     return (f"{error.problem}; it happens in the forward of {where}"
-            + (f", whose {', '.join(repr(n) for n in in_place)} run in place (inplace=True)" if in_place else
+            + (f", whose {', '.join(in_place)} run in place (inplace=True)" if in_place else
                " (an in-place op such as `out += identity` after the tapped module)"))
 
 

@@ -95,6 +95,7 @@ def plugin_manager(modules: list[str] | tuple[str, ...] = (),
         module = _import(module_name, f"plugins[{index}]")
         if not pm.is_registered(module):
             pm.register(module, name=module_name)
+    _check_hooks(pm)
     registry = Registry()
     # pluggy calls hooks last-registered first; register in discovery order instead
     for impl in reversed(pm.hook.kdhooks_register.get_hookimpls()):
@@ -102,3 +103,33 @@ def plugin_manager(modules: list[str] | tuple[str, ...] = (),
         impl.function(registry=registry)
     registry.current_plugin = "?"
     return pm, registry
+
+
+HOOKS = tuple(sorted(name for name in vars(hookspecs) if name.startswith("kdhooks_")))
+
+
+def _check_hooks(pm: pluggy.PluginManager) -> None:
+    """Every ``kdhooks_*`` function of a plugin is a marked implementation of a hook that exists.
+
+    pluggy ignores an unmarked function and keeps a misspelled hook without
+    calling it: either way a plugin's loss or schedule would silently drop out.
+    """
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue  # blocked (disable_plugins)
+        for attribute in dir(plugin):
+            if not attribute.startswith("kdhooks_"):
+                continue
+            where = f"plugin {describe_plugin(name)}"
+            if attribute not in HOOKS:
+                raise ConfigError(where, f"{attribute} is not a kdhooks hook, so it would never be called",
+                                  value=attribute, fix=did_you_mean(attribute, HOOKS)
+                                  or f"the hooks are {', '.join(HOOKS)}")
+            if not hasattr(getattr(plugin, attribute), "kdhooks_impl"):
+                raise ConfigError(where, f"{attribute} is not marked @kdhooks.hookimpl, so pluggy ignores it",
+                                  value=attribute, fix=f"put @kdhooks.hookimpl above def {attribute}")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as error:
+        raise ConfigError(f"plugin {error.plugin_name}", str(error), fix=f"the hooks are {', '.join(HOOKS)}") from None
+

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._errors import ConfigError
 from ._taps import Tap, logits_of, select
 
 # forwards of the student kept before one kd(...) call: more means kd(...) is not being called
@@ -66,12 +67,19 @@ class Calls(list):
     """Every call's capture of a module called several times in one forward (``calls: all``)."""
 
 
-class TapError(LookupError):
-    """A selector that does not fit the recorded output; carries the tap."""
+class TapError(ConfigError, LookupError):
+    """A selector that does not fit the recorded output; carries the tap.
 
-    def __init__(self, tap: Tap, reason: str = ""):
+    A ConfigError: the dry pass re-raises it at the tap's config location, and without
+    a dry pass it leaves the first training forward from a hook, naming the tap and the fix.
+    """
+
+    def __init__(self, tap: Tap, reason: str = "", fix: str | None = None):
         self.tap = tap
-        super().__init__(f"cannot select {tap.path!r} from the {tap.role}'s output" + (f": {reason}" if reason else ""))
+        super().__init__(f"the {tap.role}'s tap {tap.path!r}",
+                         f"cannot select {tap.path!r} from the {tap.role}'s output" + (f": {reason}" if reason else ""),
+                         value=tap.path, fix=fix or "selectors after ':' index the tuple, list, dict or ModelOutput "
+                         "a module returns; check them against the module's output (`kdhooks inspect`)")
 
 
 class CaptureError(RuntimeError):
@@ -135,8 +143,11 @@ class Recorder:
         self.keep_graph: set[Tap] = set()
         # student captures recorded under no_grad inside a forward that had grad (reentrant checkpointing)
         self.no_graph: set[Tap] = set()
-        # earlier forwards of this step: (captures, versions, no_graph) each
+        # earlier forwards of this step: (captures, versions, no_graph) each; forwards that recorded nothing
+        # are only counted (a tap recorded in some forwards but not in these is refused at the step)
         self.earlier: list[tuple[dict, dict, set]] = []
+        self.empty_forwards = 0
+        self.started = False
         # the dry pass counts every call of a tapped module and keeps each call's capture
         self.counting = False
         self.calls: dict[Tap, list[Any]] = defaultdict(list)
@@ -163,7 +174,11 @@ class Recorder:
 
     def begin_forward(self) -> None:
         """A new student forward: the captures of an earlier one (no kd(...) since) are kept, to be concatenated."""
+        if not self.started:
+            self.started = True
+            return
         if not self.captures:
+            self.empty_forwards += 1
             return
         self.earlier.append((self.captures, self.versions, self.no_graph))
         self.captures, self.versions, self.no_graph = {}, {}, set()
@@ -196,26 +211,28 @@ class Recorder:
         for captures, versions, no_graph in forwards:
             for tap, value in captures.items():
                 self.verify(tap, value, versions[tap], no_graph)
-        if not self.earlier:
+        if not self.earlier and not self.empty_forwards:
             return
         merged: dict[Tap, Any] = {}
-        for tap in forwards[-1][0]:
+        count = len(forwards) + self.empty_forwards
+        # every tap of every forward: one recorded in an earlier forward only must not vanish silently
+        for tap in dict.fromkeys(tap for captures, _, _ in forwards for tap in captures):
             values = [captures.get(tap, _MISSING) for captures, _, _ in forwards]
-            if any(v is _MISSING for v in values):
+            if self.empty_forwards or any(v is _MISSING for v in values):
                 raise CaptureError(tap, f"the {tap.role}'s {tap.path!r} was recorded in only some of the "
-                                   f"{len(forwards)} forwards before this kd(...)",
+                                   f"{count} forwards before this kd(...)",
                                    "call kd(...) after each forward, or run the same model path in each")
             if tap.kind == "grad":
                 raise CaptureError(tap, f"a gradient tap on the {tap.role} needs one forward per kd(...) call; "
-                                   f"there were {len(forwards)}", "call kd(task_loss, ...) after each forward")
+                                   f"there were {count}", "call kd(task_loss, ...) after each forward")
             try:
                 merged[tap] = _concatenated(values)
             except ValueError as error:
-                raise CaptureError(tap, f"the {len(forwards)} forwards before this kd(...) gave captures of the "
+                raise CaptureError(tap, f"the {count} forwards before this kd(...) gave captures of the "
                                    f"{tap.role}'s {tap.path or '(output)'!r} that cannot be concatenated along "
                                    f"the batch: {error}", "call kd(...) after each forward") from None
         self.captures, self.versions = merged, {tap: _version_list(v) for tap, v in merged.items()}
-        self.no_graph, self.earlier = set(), []
+        self.no_graph, self.earlier, self.empty_forwards = set(), [], 0
 
     def install(self, role: str, modules: dict[Tap, nn.Module], *, detach: bool) -> None:
         """Hook every module that a tap of ``role`` names, one hook per module."""
@@ -260,7 +277,7 @@ class Recorder:
                         value = args[int(head)] if head.lstrip("-").isdigit() else kwargs[head]
                         value = select(value, rest)
                     except (LookupError, AttributeError, TypeError) as error:
-                        raise TapError(tap) from error
+                        raise TapError(tap, str(error)) from error
                 self.store(tap, value, detach, role)
             return changed
         return hook
@@ -284,7 +301,8 @@ class Recorder:
                     if value is None or hasattr(value, "keys"):
                         raise TapError(tap, f"this {type(output).__name__} holds no logits (a fused LM head, as in "
                                        f"TRL's SFTTrainer, never builds them); lm_kd can form them from the "
-                                       f"hidden states: set student_head and student_hidden")
+                                       f"hidden states: set student_head and student_hidden",
+                                       fix="for lm_kd set student_head: lm_head and student_hidden (its backbone)")
                 if tap.kind == "attention" and not tap.selectors and isinstance(value, (tuple, list)):
                     # attention modules return (output, probabilities, ...)
                     value = value[1] if len(value) > 1 else None
@@ -304,6 +322,7 @@ class Recorder:
         self.versions.clear()
         self.no_graph.clear()
         self.earlier.clear()
+        self.empty_forwards, self.started = 0, False
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -35,9 +35,17 @@ class Registry:
         self.origin[(category, name)] = self.current_plugin
 
     def add_term(self, name: str, term: type[Term]) -> None:
-        """Make ``kind: name`` in a config build ``term``."""
-        term.kind = name
+        """Make ``kind: name`` in a config build ``term``; a class is one kind (its ``kind`` attribute says which)."""
+        from ._term import Term
+
+        if not (isinstance(term, type) and issubclass(term, Term)) or term is Term:
+            raise TypeError(f"add_term({name!r}, {term!r}): register a subclass of kdhooks.Term")
+        own = term.__dict__.get("kind")
+        if own and own != name:
+            raise ConfigError("plugins", f"term class {term.__qualname__} is registered as {own!r} and again as "
+                              f"{name!r}", value=name, fix="subclass it to register it under a second name")
         self._add("term", self.terms, name, term)
+        term.kind = name
 
     def add_schedule(self, name: str, schedule: type[Schedule]) -> None:
         """Make ``{schedule: name, ...}`` in a config build ``schedule``."""

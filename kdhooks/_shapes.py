@@ -26,6 +26,22 @@ def feature_shape(shape: Any) -> tuple[int, ...]:
     return shape
 
 
+def tensor_of(capture: Any) -> Any:
+    """The feature in a capture: a module that returns a tuple or list (an HF block) gives its first item.
+
+    A ``calls: all`` capture (every call of a module) is not one feature: refused
+    rather than read as its first call.
+    """
+    from ._recorder import Calls
+
+    while isinstance(capture, (list, tuple)):
+        if isinstance(capture, Calls):
+            raise TypeError(f"a capture of every call ({len(capture)} calls, `calls: all`) is not one tensor: "
+                            f"read each call, or tap with `calls: first` or `calls: last`")
+        capture = capture[0]
+    return capture
+
+
 def expect_rank(term: Term, name: str, shapes: dict[str, Any], ranks: tuple[int, ...], why: str = "") -> tuple:
     """The shape of tap ``name``, which must have one of ``ranks`` dimensions."""
     shape = feature_shape(shapes[name])

@@ -1,6 +1,7 @@
 """Taps: what a plugin asks to record, and the hooks that record it."""
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -82,22 +83,62 @@ def clean_path(name: str) -> str:
     return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
 
 
+def _unwrappings(name: str) -> list[tuple[str, int]]:
+    """Each path that ``name`` gives with some of its wrapper segments removed, with how many were removed.
+
+    Some, not only all: in a DDP-wrapped model the user's own ``a.module.b`` is ``module.a.module.b``.
+    """
+    parts = name.split(".")
+    wrappers = [i for i, p in enumerate(parts) if p in _WRAPPER_SEGMENTS]
+    # a path with many wrapper segments (nested FSDP units) is offered with all of them removed only
+    subsets = ([tuple(wrappers)] if len(wrappers) > 4 else
+               [c for r in range(1, len(wrappers) + 1) for c in itertools.combinations(wrappers, r)])
+    return [(".".join(p for i, p in enumerate(parts) if i not in removed), len(removed)) for removed in subsets]
+
+
+def _unwrapped(named: list[tuple[str, Any]]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Each exact path, then each unwrapped path (wrapper segments removed) that no exact path takes.
+
+    Among paths that unwrap to the same name, the one with the fewest removed segments wins:
+    in a DDP-wrapped model with both ``a.b`` and ``a.module.b``, ``a.b`` is ``module.a.b``
+    (one segment removed), not ``module.a.module.b`` (two). Different objects tied at the same
+    count are ambiguous: returned apart with their exact paths, so that resolving such a name is an error.
+    """
+    table: dict[str, Any] = dict(named)
+    removed: dict[str, int] = dict.fromkeys(table, 0)
+    origins: dict[str, list[str]] = {}
+    ambiguous: dict[str, list[str]] = {}
+    for name, obj in named:
+        for clean, count in _unwrappings(name):
+            if clean not in removed or count < removed[clean]:
+                table[clean], removed[clean], origins[clean] = obj, count, [name]
+                ambiguous.pop(clean, None)
+            elif count == removed[clean] and table[clean] is not obj and clean in origins:
+                origins[clean].append(name)
+                ambiguous[clean] = origins[clean]
+    return table, ambiguous
+
+
 def module_table(model: nn.Module) -> dict[str, nn.Module]:
     """Every module of ``model`` by its exact path, and by its unwrapped path (the user's names) where not taken."""
-    named = list(model.named_modules(remove_duplicate=False))
-    table: dict[str, nn.Module] = dict(named)
-    for name, module in named:
-        table.setdefault(clean_path(name), module)
-    return table
+    return _unwrapped(list(model.named_modules(remove_duplicate=False)))[0]
 
 
 def parameter_table(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter by its exact path, then by its unwrapped path where that is not taken."""
-    named = list(model.named_parameters(remove_duplicate=False))
-    table: dict[str, nn.Parameter] = dict(named)
-    for name, param in named:
-        table.setdefault(clean_path(name), param)
-    return table
+    return _unwrapped(list(model.named_parameters(remove_duplicate=False)))[0]
+
+
+def _resolve(named: list[tuple[str, Any]], path: str, kind: str, role: str, location: str, fix: str) -> Any:
+    table, ambiguous = _unwrapped(named)
+    if path in ambiguous:
+        raise ConfigError(location, f"{path!r} names several {kind}s of the {role} once wrapper segments are "
+                          f"removed: {', '.join(repr(n) for n in ambiguous[path])}", value=path,
+                          fix="write the exact path, as named_modules() prints it")
+    if path in table:
+        return table[path]
+    raise ConfigError(location, f"{path!r} is not a {kind} of the {role}", value=path,
+                      fix=did_you_mean(path, table) or fix)
 
 
 def resolve_module(model: nn.Module, path: str, *, role: str, location: str) -> nn.Module:
@@ -106,20 +147,13 @@ def resolve_module(model: nn.Module, path: str, *, role: str, location: str) -> 
     An exact path wins over one that matches only with wrapper segments removed, so
     ``a.b`` never records ``a.module.b`` and a real submodule named ``module`` is tappable.
     """
-    table = module_table(model)
-    if path in table:
-        return table[path]
-    # 'logits' names the output unless the model has a module of that name
-    raise ConfigError(location, f"{path!r} is not a module of the {role}", value=path,
-                      fix=did_you_mean(path, table) or "run `kdhooks inspect` to list the module paths")
+    return _resolve(list(model.named_modules(remove_duplicate=False)), path, "module", role, location,
+                    "run `kdhooks inspect` to list the module paths")
 
 
 def resolve_parameter(model: nn.Module, path: str, *, role: str, location: str) -> nn.Parameter:
-    table = parameter_table(model)
-    if path in table:
-        return table[path]
-    raise ConfigError(location, f"{path!r} is not a parameter of the {role}", value=path,
-                      fix=did_you_mean(path, table) or "list them with model.named_parameters()")
+    return _resolve(list(model.named_parameters(remove_duplicate=False)), path, "parameter", role, location,
+                    "list them with model.named_parameters()")
 
 
 def select(value: Any, selectors: tuple[str, ...]) -> Any:

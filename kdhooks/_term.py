@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from ._errors import ConfigError, PluginError, did_you_mean
+from ._errors import ConfigError, LossError, PluginError, did_you_mean
 from ._options import Finite, Options
 from ._schedule import Schedule, value_at
 from ._taps import shape_of
@@ -23,11 +23,17 @@ if TYPE_CHECKING:
 
 
 class Term(Options):
-    """One configured loss term; a plugin subclasses it and fills three methods.
+    """One configured loss term; a plugin subclasses it and fills its methods, never pluggy's hooks.
 
-    ``taps()`` names what to record as ``{argument name: Tap}``, ``build()`` makes
-    connectors from the dry pass's shapes, and ``loss(ctx, **captures)`` is the
-    paper's formula on the captured tensors. The Distiller multiplies the result
+    In order: ``configure(distiller)`` prepares with the models at hand (adds a
+    peer, finds a layer stack), ``taps()`` names what to record as ``{argument
+    name: Tap}`` without side effects, ``check(shapes)`` refuses shapes the method
+    cannot use, ``build(distiller, shapes)`` makes connectors from them, and
+    ``loss(ctx, **captures)`` is the paper's formula on the captured tensors;
+    ``extras_needed()`` names what the step must pass besides captures
+    (``kd(loss, gt_boxes=...)``). The core implements the pluggy hooks once, here,
+    and calls these: a subclass that defines a ``kdhooks_*`` method is refused
+    when it is defined, since its hook would silently replace the core's. The Distiller multiplies the result
     by ``weight``; any numeric option, ``weight`` included, may be a schedule.
     ``teacher_role`` picks, among several teachers (``Distiller(student,
     {"resnet": t1, "vit": t2})``), the one that the term's ``teacher`` taps read.
@@ -38,6 +44,8 @@ class Term(Options):
     """
 
     kind: ClassVar[str] = ""
+    # a term whose loss() reads a list of every call's capture per tap (`calls: all`) says so
+    takes_all_calls: ClassVar[bool] = False
     name: str = ""
     weight: Finite = 1.0
     teacher_role: str = "teacher"
@@ -47,9 +55,27 @@ class Term(Options):
     # set by the Distiller
     location: ClassVar[str] = "terms"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hooks = sorted(name for name in vars(cls) if name.startswith("kdhooks_"))
+        if hooks:
+            lifecycle = {"kdhooks_configure": "configure(self, distiller)", "kdhooks_build": "build(self, distiller, "
+                         "shapes)", "kdhooks_losses": "loss(self, ctx, **captures)"}
+            fixes = " / ".join(lifecycle.get(h, f"a module-level @kdhooks.hookimpl {h} in the plugin") for h in hooks)
+            raise TypeError(f"term class {cls.__module__}.{cls.__qualname__} defines {', '.join(hooks)}: a term's "
+                            f"pluggy hooks are the core's, and overriding one drops what the core does there "
+                            f"(declaring its taps, checking shapes, weighting the loss)\n  fix: define {fixes}")
+
+    def configure(self, distiller: Distiller) -> None:
+        """Prepare with the attached models, before ``taps()`` is read (add peers, resolve layer stacks)."""
+
     def taps(self) -> dict[str, Tap]:
-        """What to record, by the argument name ``loss`` receives it under."""
+        """What to record, by the argument name ``loss`` receives it under; no side effects."""
         return {}
+
+    def extras_needed(self) -> set[str]:
+        """Names the step must pass as ``kd(task_loss, name=value)`` besides labels (an integration does)."""
+        return set()
 
     def check(self, shapes: dict[str, Any]) -> None:
         """Raise a ConfigError (``kdhooks.expect_*``) if the taps' shapes cannot work for this method.
@@ -98,6 +124,13 @@ class Term(Options):
             raise ConfigError(f"{self.location}.teacher_role", f"no teacher is attached as {self.teacher_role!r}",
                               value=self.teacher_role, fix=did_you_mean(self.teacher_role, distiller.roles)
                               or f"attached: {', '.join(distiller.roles)}")
+        if self.calls == "all" and not self.takes_all_calls:
+            raise ConfigError(f"{self.location}.calls", f"{self.kind or type(self).__name__} reads one tensor per "
+                              f"tap, and `calls: all` gives it a list of every call's output", value="all",
+                              fix="use `calls: first` or `calls: last`, or tap a module that runs once per forward")
+        with _blamed(self, distiller, "configure()"):
+            self.configure(distiller)
+        self._extras = frozenset(self.extras_needed())
         with _blamed(self, distiller, "taps()"):
             declared = self.taps()
         _check_declared(self, declared, distiller)
@@ -125,6 +158,9 @@ class Term(Options):
             self._checked = True
         if type(self).build is Term.build:
             return
+        # parameters are known without a dry pass
+        shapes = {**shapes, **{tap: tuple(distiller.parameter_of(tap).shape)
+                               for tap in self._taps.values() if tap.kind == "param"}}
         missing = [name for name, tap in self._taps.items() if tap not in shapes]
         if missing:
             raise ConfigError(self.location, f"term {self.name!r} sizes its connectors from the "
@@ -138,6 +174,11 @@ class Term(Options):
         if self.weight == 0:
             # switched off by its schedule: keep its parameters in the graph for DDP, cheaply
             return {self.name: ctx.distiller.zero_touching(self.name)}
+        if self._extras and not self._extras <= ctx.extras.keys():
+            missing = sorted(self._extras - ctx.extras.keys())
+            raise LossError(self.name, ctx.step, problem=f"the step's extras have no {', '.join(map(repr, missing))}, "
+                            f"which {self.kind} reads", fix=f"pass them: kd(task_loss, {missing[0]}=...) (the "
+                            f"integrations for detectors do)")
         captures = {name: ctx[tap] for name, tap in self._taps.items()}
         if not self._checked:
             # no dry pass at attach: the shapes are checked once, on the first step

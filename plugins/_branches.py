@@ -76,18 +76,20 @@ class BranchedHead:
     def __init__(self, root: nn.Module, split: str, heads: list[str], branches: int, location: str):
         table = kdhooks.module_table(root)
         self.root, self.split, self.heads, self.branches, self.location = root, split, heads, branches, location
-        self.head_modules = [self._resolve(table, path) for path in heads]
-        self.split_module = table[split]
+        self.split_module = self._resolve(table, split, "split")
+        self.head_modules = [self._resolve(table, path, "heads") for path in heads]
         self.copies = nn.ModuleList(nn.ModuleList(reinitialized(m) for m in self.head_modules)
                                     for _ in range(branches - 1))
         self.active, self.batch, self.trunk, self.pending = False, None, None, {}
 
-    def _resolve(self, table: dict[str, nn.Module], path: str) -> nn.Module:
-        where = f"{self.location}.heads"
+    def _resolve(self, table: dict[str, nn.Module], path: str, option: str) -> nn.Module:
+        where = f"{self.location}.{option}"
         if path not in table:
             raise kdhooks.ConfigError(where, f"{path!r} is not a module of the student", value=path,
                                       fix=kdhooks.did_you_mean(path, table)
                                       or "run `kdhooks inspect` to list the module paths")
+        if option == "split":
+            return table[path]
         for other in [self.split, *self.heads]:
             if path == "" or (other != path and (other.startswith(path + ".") or path.startswith(other + "."))):
                 raise kdhooks.ConfigError(where, f"{path!r} and {other!r} contain one another", value=path,

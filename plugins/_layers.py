@@ -6,7 +6,7 @@ features cannot be compared is a ConfigError at attach time.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,24 @@ def pair_taps(pairs: list[tuple[str, str]], kind: str = "output") -> dict[str, k
     return taps
 
 
+class PairedLayers(kdhooks.Term):
+    """A term over layer pairs: ``student`` and ``teacher`` name one layer each, or equal-length lists of them.
+
+    Its taps are ``student_i`` / ``teacher_i`` (outputs, or ``tap_kind``), and
+    ``self.pairs`` holds the (student path, teacher path) pairs in order.
+    """
+
+    student: str | list[str]
+    teacher: str | list[str]
+    tap_kind: ClassVar[str] = "output"
+
+    def configure(self, distiller: kdhooks.Distiller) -> None:
+        self.pairs = layer_pairs(self, self.student, self.teacher)
+
+    def taps(self) -> dict[str, kdhooks.Tap]:
+        return pair_taps(self.pairs, self.tap_kind)
+
+
 def shape(value: Any) -> tuple[int, ...]:
     """A capture's shape; a module that returns a tuple gives its first tensor's."""
     while isinstance(value, list):
@@ -47,11 +65,7 @@ def shape(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def tensor_of(value: Any) -> torch.Tensor:
-    """The feature in a capture: a module that returns a tuple (HF blocks) gives its first tensor."""
-    while isinstance(value, (list, tuple)):
-        value = value[0]
-    return value
+tensor_of = kdhooks.tensor_of
 
 
 def _kind(feature: tuple) -> str:

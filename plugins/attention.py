@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import check_pairs, layer_pairs, pair_taps, resized, tensor_of
+from ._layers import PairedLayers, check_pairs, resized, tensor_of
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -48,7 +48,7 @@ def at_loss(student_features: torch.Tensor | Sequence[torch.Tensor],
     return beta / 2 * sum(_pair_loss(s, t, p) for s, t in zip(student_features, teacher_features))
 
 
-class AT(kdhooks.Term):
+class AT(PairedLayers):
     """Paying more attention to attention (Zagoruyko & Komodakis 2017): β/2 Σ_j ‖Q_S^j/‖Q_S^j‖ − Q_T^j/‖Q_T^j‖‖².
 
     ``student`` and ``teacher`` are one layer path each or equal-length lists
@@ -59,14 +59,8 @@ class AT(kdhooks.Term):
     and the term can swamp the task (docs/methods.md): lower β there.
     """
 
-    student: str | list[str]
-    teacher: str | list[str]
     beta: kdhooks.NonNegative = 1000.0
     p: kdhooks.Positive = 2.0
-
-    def taps(self) -> dict[str, kdhooks.Tap]:
-        self.pairs = layer_pairs(self, self.student, self.teacher)
-        return pair_taps(self.pairs)
 
     def check(self, shapes: dict[str, Any]) -> None:
         check_pairs(self, self.pairs, shapes, (4, 3), "an attention map is a map over positions")

@@ -162,13 +162,6 @@ def _class_rows(logits: list[torch.Tensor], classes: int) -> torch.Tensor:
     return torch.cat([m.reshape(-1, classes) for m in logits])
 
 
-def _extra(term: kdhooks.Term, ctx: kdhooks.LossContext, key: str) -> Any:
-    if key not in ctx.extras:
-        raise ValueError(f"{term.location} ({term.kind}): the step's extras have no {key!r}; pass it to "
-                         f"kd(..., {key}=...) (the mmdet integration does for anchor heads)")
-    return ctx.extras[key]
-
-
 class DetFeatureImitation(kdhooks.Term):
     """Fine-grained feature imitation (Wang et al. 2019): per-level L2 of 1x1-adapted student features, near objects."""
 
@@ -225,7 +218,7 @@ class DetFeatureImitation(kdhooks.Term):
         teachers = [teacher_levels[level] for level in self._chosen]
         masks = None
         if self.region == "objects":
-            all_masks = imitation_mask(_extra(self, ctx, "priors"), _extra(self, ctx, "gt_boxes"),
+            all_masks = imitation_mask(ctx.extras["priors"], ctx.extras["gt_boxes"],
                                        [tuple(m.shape[-2:]) for m in teacher_levels], self.ratio)
             masks = [all_masks[level] for level in self._chosen]
         return feature_imitation_loss(adapted, teachers, masks)
@@ -297,7 +290,7 @@ class DetBoundedReg(kdhooks.Term):
                          "use heads with the same box encoding, priors per location and strides")
 
     def loss(self, ctx: kdhooks.LossContext, student_reg: Any, teacher_reg: Any) -> torch.Tensor:
-        targets, weights = _extra(self, ctx, "reg_targets"), _extra(self, ctx, "reg_weights")
+        targets, weights = ctx.extras["reg_targets"], ctx.extras["reg_weights"]
         values = targets[0].shape[-1]
         students = torch.cat([r.reshape(-1, values) for r in flatten_levels(_levels(student_reg), values)])
         teachers = torch.cat([r.reshape(-1, values) for r in flatten_levels(_levels(teacher_reg), values)])
@@ -340,7 +333,7 @@ class LD(kdhooks.Term):
         student_rows = torch.cat([r.reshape(-1, 4 * bins) for r in flatten_levels(students, 4 * bins)])
         teacher_rows = torch.cat([r.reshape(-1, 4 * bins) for r in flatten_levels(teachers, 4 * bins)])
         if self.region == "positives":
-            positive = torch.cat([p.reshape(-1) for p in _extra(self, ctx, "positives")]).bool()
+            positive = torch.cat([p.reshape(-1) for p in ctx.extras["positives"]]).bool()
             student_rows, teacher_rows = student_rows[positive], teacher_rows[positive]
         return ld_loss(student_rows.reshape(-1, bins), teacher_rows.reshape(-1, bins), self.temperature)
 

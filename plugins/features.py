@@ -9,8 +9,7 @@ from torch import nn
 
 import kdhooks
 
-from ._layers import (check_pairs, check_same_batch, known, layer_pairs, pair_taps, resized, shape, smaller_grid,
-                      tensor_of)
+from ._layers import PairedLayers, check_pairs, check_same_batch, known, resized, shape, smaller_grid, tensor_of
 
 
 def fitnets_loss(student_hint: torch.Tensor, teacher_guided: torch.Tensor) -> torch.Tensor:
@@ -87,7 +86,7 @@ def mmd_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
             - 2 * _kernel(student, teacher, kernel, degree, bandwidth).mean((1, 2))).mean()
 
 
-class MMD(kdhooks.Term):
+class MMD(PairedLayers):
     """Like what you like: neuron selectivity transfer (Huang & Wang 2017): MMD² of channel-normalized features.
 
     ``student`` and ``teacher`` are one path or equal-length lists (summed).
@@ -96,14 +95,8 @@ class MMD(kdhooks.Term):
     The paper weighs the term λ/2 (set it with ``weight``).
     """
 
-    student: str | list[str]
-    teacher: str | list[str]
     kernel: Literal["linear", "polynomial", "gaussian"] = "polynomial"
     degree: kdhooks.PositiveInt = 2
-
-    def taps(self) -> dict[str, kdhooks.Tap]:
-        self.pairs = layer_pairs(self, self.student, self.teacher)
-        return pair_taps(self.pairs)
 
     def check(self, shapes: dict[str, Any]) -> None:
         check_pairs(self, self.pairs, shapes, (4, 3), "a neuron's selectivity is its response over positions")

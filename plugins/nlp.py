@@ -159,13 +159,11 @@ class _LayerTerm(kdhooks.Term):
                                       fix="name the ModuleList of blocks, e.g. 'bert.encoder.layer'")
         return path, len(table[path])
 
-    @kdhooks.hookimpl
-    def kdhooks_configure(self, distiller: kdhooks.Distiller) -> None:
+    def configure(self, distiller: kdhooks.Distiller) -> None:
         self._student_stack, student_layers = self._stack(distiller, "student")
         self._teacher_stack, teacher_layers = self._stack(distiller, "teacher")
         self._layer_counts = (student_layers, teacher_layers)
         self.configure_layers(distiller, student_layers, teacher_layers)
-        super().kdhooks_configure(distiller)
 
     def configure_layers(self, distiller: kdhooks.Distiller, student_layers: int, teacher_layers: int) -> None:
         """Work out the layer pairs, with the models at hand."""

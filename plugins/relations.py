@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import (check_kind, check_same_batch, check_same_positions, known, layer_pairs, pair_taps, shape,
-                      smaller_grid, tensor_of)
+from ._layers import (PairedLayers, check_kind, check_same_batch, check_same_positions, known, shape, smaller_grid,
+                      tensor_of)
 
 # --- relations between layers ------------------------------------------------------------
 
@@ -206,20 +206,14 @@ def sp_loss(student_features: torch.Tensor | Sequence[torch.Tensor],
                                   for s, t in zip(student_features, teacher_features))
 
 
-class SP(kdhooks.Term):
+class SP(PairedLayers):
     """Similarity-preserving KD (Tung & Mori 2019): γ/b² Σ_layers ‖G̃_T − G̃_S‖²_F, γ = 3000.
 
     G̃ is the batch's row-normalized similarity matrix of a layer's activations;
     ``student`` and ``teacher`` are one path or equal-length lists.
     """
 
-    student: str | list[str]
-    teacher: str | list[str]
     gamma: kdhooks.NonNegative = 3000.0
-
-    def taps(self) -> dict[str, kdhooks.Tap]:
-        self.pairs = layer_pairs(self, self.student, self.teacher)
-        return pair_taps(self.pairs)
 
     def check(self, shapes: dict[str, Any]) -> None:
         check_samples(self, shapes, [(f"student_{i}", f"teacher_{i}") for i in range(len(self.pairs))])

@@ -57,8 +57,7 @@ class DeepMutualLearning(kdhooks.Term):
     student: str = "logits"
     peer_output: str = "logits"
 
-    @kdhooks.hookimpl
-    def kdhooks_configure(self, distiller: kdhooks.Distiller) -> None:
+    def configure(self, distiller: kdhooks.Distiller) -> None:
         if not self.peers and self.copies < 1:
             raise kdhooks.ConfigError(self.location, "deep mutual learning needs at least one peer",
                                       value=self.copies, fix="set `copies: 1` (a re-initialized copy of the "
@@ -68,7 +67,6 @@ class DeepMutualLearning(kdhooks.Term):
         models = [*self.peers.values(), *(reinitialized(distiller.student) for _ in range(self.copies))]
         for role, module in zip(self.roles, models):
             distiller.add_model(role, module, trainable=True, owner=self.name)
-        super().kdhooks_configure(distiller)
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student": kdhooks.Tap("student", self.student, option="student"),
@@ -133,9 +131,7 @@ class OnTheFlyNativeEnsemble(kdhooks.Term):
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"trunk": kdhooks.Tap("student", self.split, option="split")}
 
-    @kdhooks.hookimpl
-    def kdhooks_configure(self, distiller: kdhooks.Distiller) -> None:
-        super().kdhooks_configure(distiller)
+    def configure(self, distiller: kdhooks.Distiller) -> None:
         self.branched = BranchedHead(distiller.student, self.split, self.heads, self.branches, self.location)
 
     def check(self, shapes: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import check_pairs, layer_pairs, pair_taps, shape, tensor_of
+from ._layers import PairedLayers, check_pairs, pair_taps, shape, tensor_of
 
 
 def ab_loss(student_pre: torch.Tensor, teacher_pre: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -31,7 +31,7 @@ def disagreement_rate(student_pre: torch.Tensor, teacher_pre: torch.Tensor) -> t
     return ((student_pre > 0) != (teacher_pre > 0)).float().mean()
 
 
-class AB(kdhooks.Term):
+class AB(PairedLayers):
     """Activation boundaries (Heo et al. 2019): Σ_layers ‖ρ(T) ⊙ σ(μ1 − r(S)) + (1 − ρ(T)) ⊙ σ(μ1 + r(S))‖²₂.
 
     ``student`` and ``teacher`` name the activation modules (one path or equal
@@ -45,14 +45,12 @@ class AB(kdhooks.Term):
     patterns is logged as ``<name>.disagreement``.
     """
 
-    student: str | list[str]
-    teacher: str | list[str]
     margin: kdhooks.NonNegative = 1.0
     pre_activation: Literal["input", "output"] = "input"
     connector: str = "conv1x1_bn"
 
     def taps(self) -> dict[str, kdhooks.Tap]:
-        self.pairs = layer_pairs(self, self.student, self.teacher)
+        # the tap kind is an option here: the sparsity pattern of the layer's input or output
         return pair_taps(self.pairs, self.pre_activation)
 
     def check(self, shapes: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Matching intermediate weights: a student parameter against a teacher parameter."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from torch import nn
 
 import kdhooks
 
-from ._layers import layer_pairs, pair_taps
+from ._layers import PairedLayers
 
 
 class ParameterMap(nn.Module):
@@ -47,7 +47,7 @@ def weights_loss(mapped_student_weight: torch.Tensor, teacher_weight: torch.Tens
     return F.mse_loss(mapped_student_weight.float(), teacher_weight.float())
 
 
-class Weights(kdhooks.Term):
+class Weights(PairedLayers):
     """Matching intermediate weights (MIT 6.5940 lecture on KD, after FitNets, Romero et al. 2015): ‖M(W_S) − W_T‖².
 
     ``student`` and ``teacher`` name parameters (``stage2.1.0.weight``), one
@@ -56,19 +56,12 @@ class Weights(kdhooks.Term):
     dry pass, so no ``example_inputs`` are needed.
     """
 
-    student: str | list[str]
-    teacher: str | list[str]
+    tap_kind: ClassVar[str] = "param"
 
-    def taps(self) -> dict[str, kdhooks.Tap]:
-        self.pairs = layer_pairs(self, self.student, self.teacher)
-        return pair_taps(self.pairs, "param")
-
-    @kdhooks.hookimpl
-    def kdhooks_build(self, distiller: kdhooks.Distiller, shapes: dict[Any, Any]) -> None:
+    def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         self.maps = []
         for i, pair in enumerate(self.pairs):
-            student = tuple(distiller.parameter_of(self._taps[f"student_{i}"]).shape)
-            teacher = tuple(distiller.parameter_of(self._taps[f"teacher_{i}"]).shape)
+            student, teacher = shapes[f"student_{i}"], shapes[f"teacher_{i}"]
             try:
                 parameter_map = ParameterMap(student, teacher)
             except ValueError as error:

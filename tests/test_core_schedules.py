@@ -5,11 +5,12 @@ import pytest
 import torch.nn.functional as F
 
 import kdhooks
+from kdhooks._manager import plugin_manager
 from _models import batch, pair
 
 
 def schedule(spec):
-    _, registry = kdhooks.plugin_manager()
+    _, registry = plugin_manager()
     from kdhooks._schedule import parse_schedule
 
     return parse_schedule(spec, registry, "test")

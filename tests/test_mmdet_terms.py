@@ -202,7 +202,7 @@ def test_det_bounded_reg_and_ld_read_positives_from_extras():
     chosen = torch.cat([p.reshape(-1) for p in positives])
     expected = ld_loss(rows(out[1], 20)[chosen].reshape(-1, 5), rows(t_out[1], 20)[chosen].reshape(-1, 5), 10.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    with pytest.raises(ValueError, match="positives"):
+    with pytest.raises(kdhooks.LossError, match="extras have no .positives."):
         run_term({"kind": "ld"}, student, teacher, x)
 
 

@@ -188,7 +188,7 @@ def test_a_config_that_is_not_valid_yaml(tmp_path, capsys):
     config = write_config(tmp_path, "terms:\n  - kind: kd\n    temperature: [1\n")
     assert main(["check", config, *DEMO]) == 2
     line = error_line(capsys)
-    assert f"{config}: not valid YAML" in line
+    assert f"{config}:4:1: not valid YAML" in line  # the file, line and column of the problem
 
 
 def test_a_selector_on_a_plain_tensor_output_is_an_error(tmp_path, capsys):

@@ -4,6 +4,7 @@ import math
 import pytest
 
 import kdhooks
+from kdhooks._manager import plugin_manager
 from _models import batch, pair
 
 
@@ -141,7 +142,7 @@ def test_a_step_schedule_is_checked_at_each_milestone():
 def schedule(spec):
     from kdhooks._schedule import parse_schedule
 
-    return parse_schedule(spec, kdhooks.plugin_manager()[1], "test")
+    return parse_schedule(spec, plugin_manager()[1], "test")
 
 
 def test_key_steps_are_where_each_schedule_takes_its_extreme_values():

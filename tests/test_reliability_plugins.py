@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kdhooks
+from kdhooks._manager import plugin_manager
 from _models import batch, pair
 from kdhooks._manager import installed_plugins
 
@@ -314,7 +315,7 @@ def test_a_term_made_in_python_is_checked_at_attach_like_one_from_the_config(bad
 
 
 def test_a_python_made_term_with_a_schedule_is_checked_at_its_key_steps(badterms):
-    registry = kdhooks.plugin_manager()[1]
+    registry = plugin_manager()[1]
     from kdhooks._schedule import parse_schedule
 
     cooling = parse_schedule({"schedule": "linear", "start": 4, "end": 0, "steps": 10}, registry, "here")

@@ -163,21 +163,15 @@ def test_relations_between_samples_need_a_feature_dimension():
     assert error.location == "terms[0].student" and "(8,)" in error.problem
 
 
-@pytest.mark.parametrize("example", [True, False], ids=["attach", "first-step"])
-def test_a_module_called_twice_gives_a_list_of_shapes(example):
-    """``calls: all`` records every call: the check reads the first call's shape, the loss its tensor."""
+def test_calls_all_on_a_term_that_reads_one_tensor_is_refused():
+    """``calls: all`` gives a list of every call: a built-in term reads one tensor, so it is refused at attach."""
     torch.manual_seed(0)
-    student, teacher, x = TwoHeads(), TwoHeads(), torch.randn(8, 6)
+    student, teacher = TwoHeads(), TwoHeads()
     config = {"terms": [{"kind": "sp", "student": "trunk", "teacher": "trunk", "calls": "all"}]}
-    with kdhooks.Distiller(student, teacher, config, example_inputs=x if example else None) as kd:
-        student.train()
-        kd(student(x)["logits"].pow(2).mean())
-        assert kd.last_losses["sp"] >= 0
-    half = lambda model, args, kwargs: model(args[0][:4])  # noqa: E731
-    with pytest.raises(kdhooks.ConfigError, match=r"\(8, 6\) and the teacher's 'trunk' \(4, 6\)"):
-        with kdhooks.Distiller(student, teacher, config, example_inputs=x if example else None,
-                               teacher_call=half) as kd:
-            kd(student(x)["logits"].pow(2).mean())
+    with pytest.raises(kdhooks.ConfigError, match="reads one tensor per tap") as error:
+        kdhooks.Distiller(student, teacher, config)
+    assert error.value.location == "terms[0].calls" and "calls: first" in error.value.fix
+    assert kdhooks.attached(student) is None
 
 
 def test_checks_pass_over_captures_that_are_not_tensors():

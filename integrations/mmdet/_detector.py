@@ -123,8 +123,7 @@ class DistilledDetector(BaseModel):
             self.distiller.step = step
         losses = self.student(inputs, data_samples, mode="loss")
         extras = self._extras(data_samples, inputs.device)
-        task_weight = self.distiller.task_weight
-        task_weight = float(task_weight(self.distiller.step) if callable(task_weight) else task_weight)
+        task_weight = self.distiller.current_task_weight
         parts = self.distiller.loss_parts(None, **extras)
         if task_weight != 1.0:
             losses = {name: _scaled(value, task_weight) if "loss" in name else value
