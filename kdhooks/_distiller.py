@@ -20,7 +20,7 @@ from torch import nn
 from ._attach import check_separate, freeze, restore_modes, training_modes  # noqa: F401
 from ._config import DistillConfig, build_terms, load_config, parse_number
 from ._context import LossContext, default_teacher_loss
-from ._dry_run import dry_run
+from ._dry_run import dry_run, in_place_problem
 from ._errors import ConfigError, LossError, did_you_mean
 from ._manager import plugin_manager
 from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
@@ -344,8 +344,8 @@ class Distiller(nn.Module):
             self._recorder.merged()
             results = self._pm.hook.kdhooks_losses(ctx=ctx)
         except CaptureError as error:
-            raise LossError(self._taps.get(error.tap, error.tap.path), self.step, problem=error.problem,
-                            fix=error.fix) from None
+            raise LossError(self._taps.get(error.tap, error.tap.path), self.step,
+                            problem=in_place_problem(self, error), fix=error.fix) from None
         finally:
             self._recorder.clear()
         parts: dict[str, torch.Tensor] = {}

@@ -48,7 +48,7 @@ def dry_run(distiller: Distiller, example_inputs: Any) -> dict[Tap, Any]:
         raise ConfigError(distiller._taps[error.tap], str(error.__cause__ or error), value=error.tap.path,
                           fix="check the selector after ':' against the module's output") from None
     except CaptureError as error:
-        raise ConfigError(distiller._taps[error.tap], _in_place_problem(distiller, error), value=error.tap.path,
+        raise ConfigError(distiller._taps[error.tap], in_place_problem(distiller, error), value=error.tap.path,
                           fix=error.fix) from None
     except TypeError as error:
         if isinstance(example_inputs, Mapping):
@@ -81,10 +81,10 @@ def dry_run(distiller: Distiller, example_inputs: Any) -> dict[Tap, Any]:
     return shapes
 
 
-def _in_place_problem(distiller: Distiller, error: CaptureError) -> str:
+def in_place_problem(distiller: Distiller, error: CaptureError) -> str:
     """The CaptureError's problem, naming the modules around the tap that run in place."""
     tap = error.tap
-    if tap in distiller._recorder.no_graph or not tap.module_path:
+    if not error.in_place or not tap.module_path:
         return error.problem
     model = distiller.model(tap.role)
     parent_path = tap.module_path.rpartition(".")[0]

@@ -85,10 +85,11 @@ class TapError(ConfigError, LookupError):
 class CaptureError(RuntimeError):
     """A capture that does not hold what its module returned; carries the tap, the problem and the fix."""
 
-    def __init__(self, tap: Tap, problem: str, fix: str):
+    def __init__(self, tap: Tap, problem: str, fix: str, *, in_place: bool = False):
         self.tap = tap
         self.problem = problem
         self.fix = fix
+        self.in_place = in_place  # the capture changed after it was recorded: the message names the ops
         super().__init__(f"{problem}\n  fix: {fix}")
 
 
@@ -203,7 +204,7 @@ class Recorder:
                                f"was recorded (an in-place op later in the forward, such as `out += identity` or "
                                f"ReLU(inplace=True), changed the tensor), so the loss would see other values than "
                                f"the module returned", "set `clone: true` on the term (one copy of the tensor per "
-                               "step), or tap the module whose output is not changed in place")
+                               "step), or tap the module whose output is not changed in place", in_place=True)
 
     def merged(self) -> None:
         """Check every forward's captures, then concatenate those of several forwards along the batch."""
