@@ -379,7 +379,7 @@ class Distiller(nn.Module):
         for tap, module in self._modules_of_taps.items():
             by_role.setdefault(tap.role, {})[tap] = module
         for role, modules in by_role.items():
-            self._recorder.install(role, modules, detach=not self.is_trainable(role))
+            self._recorder.install(role, modules, detach=not self.is_trainable(role), root=self.model(role))
         root = self.student
         handles = self._recorder.handles
         # weak: the student's hooks must not keep a Distiller alive that the user dropped
@@ -424,6 +424,10 @@ class Distiller(nn.Module):
                     args, kwargs = cast_floats((args, kwargs), floating_dtype(model.module))
                     output = self._pm.hook.kdhooks_teacher_forward(distiller=self, role=role, args=args, kwargs=kwargs)
                     if output is not None:
+                        # the model did not run: its output taps read what the plugin gave, nothing inside it records
+                        record = self._recorder.root_outputs.get(role)
+                        if record is not None:
+                            record(model.module, args, output)
                         return output
                 if model.call is not None:
                     return model.call(model.module, args, kwargs)

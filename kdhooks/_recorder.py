@@ -140,6 +140,7 @@ class Recorder:
         self.recording: dict[str, bool] = defaultdict(bool)
         self.with_grad: dict[str, bool] = defaultdict(bool)
         self.handles: list[RemovableHandle] = []
+        self.root_outputs: dict[str, Callable[[nn.Module, tuple, Any], Any]] = {}
         # captures of a detached role kept in the graph: a frozen teacher's output for its dL/dx
         self.keep_graph: set[Tap] = set()
         # student captures recorded under no_grad inside a forward that had grad (reentrant checkpointing)
@@ -235,8 +236,12 @@ class Recorder:
         self.captures, self.versions = merged, {tap: _version_list(v) for tap, v in merged.items()}
         self.no_graph, self.earlier, self.empty_forwards = set(), [], 0
 
-    def install(self, role: str, modules: dict[Tap, nn.Module], *, detach: bool) -> None:
-        """Hook every module that a tap of ``role`` names, one hook per module."""
+    def install(self, role: str, modules: dict[Tap, nn.Module], *, detach: bool, root: nn.Module | None = None) -> None:
+        """Hook every module that a tap of ``role`` names, one hook per module.
+
+        The output hook of ``root`` (the model itself) is also kept, so that an
+        output a plugin returns instead of running the model is recorded as the model's.
+        """
         outputs: dict[nn.Module, list[Tap]] = defaultdict(list)
         inputs: dict[nn.Module, list[Tap]] = defaultdict(list)
         for tap, module in modules.items():
@@ -251,9 +256,11 @@ class Recorder:
             if any(t.kind == "attention" for t in taps) and isinstance(module, nn.MultiheadAttention):
                 self.handles.append(module.register_forward_pre_hook(
                     model_hook(self._need_weights_hook(role)), with_kwargs=True))
+            hook = self._output_hook(role, taps, detach)
+            if module is root:
+                self.root_outputs[role] = hook
             # prepend: on the model's root, recording must happen before the Distiller switches it off
-            self.handles.append(module.register_forward_hook(
-                model_hook(self._output_hook(role, taps, detach)), prepend=True))
+            self.handles.append(module.register_forward_hook(model_hook(hook), prepend=True))
 
     def _input_hook(self, role: str, taps: list[Tap], detach: bool):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -329,6 +336,7 @@ class Recorder:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.root_outputs.clear()
         self.clear()
 
 

@@ -51,11 +51,14 @@ def kdhooks_build(distiller: Distiller, shapes: dict[Any, tuple[int, ...]]) -> N
 
 @hookspec(firstresult=True)
 def kdhooks_teacher_forward(distiller: Distiller, role: str, args: tuple, kwargs: dict) -> Any:
-    """Run the teacher named ``role`` on the student's inputs and return its output.
+    """Give the output of the teacher named ``role`` on the student's inputs, or ``None`` to let it run.
 
-    The first plugin that returns something other than ``None`` wins; when none
-    does, the Distiller calls the teacher itself in eval mode under no_grad.
-    Wrappers use this hook for caching, routing among teachers or precision.
+    The first plugin that returns something other than ``None`` wins, and the
+    teacher does not run: taps on the teacher's own output (``logits``, ``:0``)
+    read the returned value, and taps inside the teacher record nothing (a term
+    reading one fails at the step, naming the tap). When every plugin returns
+    ``None`` the Distiller calls the teacher itself, in eval mode under no_grad.
+    For caches of teacher outputs, routing among teachers, or remote teachers.
     """
 
 
