@@ -1,9 +1,12 @@
 """The plugin contract is checked when plugins load and terms are defined, not discovered at step N."""
+import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kdhooks
@@ -155,3 +158,33 @@ def test_a_teacher_forward_plugin_leaves_taps_inside_the_teacher_unrecorded():
         student(x)
         with pytest.raises(KeyError, match="stage2"):
             kd(None)
+
+
+# --- CONTRIBUTING.md, followed alone -------------------------------------------------------------
+
+def contributing_blocks() -> list[str]:
+    text = (Path(__file__).parent.parent / "CONTRIBUTING.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_the_term_schedule_and_connector_of_contributing_md_work_as_written(plugin_module):
+    term, schedule, connector = contributing_blocks()[:3]
+    header = "import torch\nfrom torch import nn\n\nimport kdhooks\n\n"
+    names = [plugin_module(name, header + source) for name, source in
+             (("contributed_term", term), ("contributed_schedule", schedule), ("contributed_connector", connector))]
+    torch.manual_seed(0)
+    student, teacher, x = student_cnn(), teacher_cnn(), torch.randn(4, 1, 8, 8)
+    config = {"plugins": names, "terms": [
+        {"kind": "cosine", "margin": {"schedule": "exponential", "start": 0.1, "rate": 0.5}},
+        {"kind": "fitnets", "student": "stage2", "teacher": "stage2", "connector": "conv3x3"}]}
+    with kdhooks.Distiller(student, teacher, config, example_inputs=x[:2]) as kd:
+        assert isinstance(kd.connectors["fitnets"], nn.Conv2d) and kd.connectors["fitnets"].kernel_size == (3, 3)
+        student.train()
+        for step in range(2):
+            logits = student(x)
+            kd(None)
+            with torch.no_grad():
+                expected = (1 - F.cosine_similarity(logits, teacher(x), dim=1)).mean() - 0.1 * 0.5 ** step
+            assert kd.last_losses["cosine"] == pytest.approx(max(expected.item(), 0.0), rel=1e-5, abs=1e-7)
+    with pytest.raises(kdhooks.ConfigError, match="margin"):
+        kdhooks.Distiller(student, teacher, {"plugins": names, "terms": [{"kind": "cosine", "margin": -1}]})
