@@ -117,19 +117,16 @@ def _build_term(spec: dict[str, Any], registry: Registry, location: str) -> Term
     if not isinstance(kind, str):
         raise ConfigError(f"{location}.kind", f"a term's kind is one name, got {type(kind).__name__} {kind!r}",
                           value=kind, fix=f"write one term per kind, e.g. `kind: {_first_name(kind)}`")
-    if kind not in registry.terms:
-        raise ConfigError(f"{location}.kind", f"unknown term kind {kind!r}", value=kind,
-                          fix=did_you_mean(str(kind), registry.terms)
-                          or f"known kinds: {', '.join(sorted(registry.terms))}")
+    term_class = registry.lookup("term", kind, f"{location}.kind")
     schedules = {option: parse_schedule(value, registry, f"{location}.{option}")
                  for option, value in spec.items() if is_schedule_spec(value)}
     # validate with each schedule's first value, then at every step where a schedule turns
     values = {**spec, **{option: schedule(0) for option, schedule in schedules.items()}}
-    term = registry.terms[kind].validate(values, location)
+    term = term_class.validate(values, location)
     for step in sorted({s for schedule in schedules.values() for s in schedule.key_steps()} - {0}):
         at_step = {**spec, **{option: schedule(step) for option, schedule in schedules.items()}}
         try:
-            registry.terms[kind].validate(at_step, location)
+            term_class.validate(at_step, location)
         except ConfigError as error:
             raise ConfigError(error.location, f"at step {step} its schedule gives {error.value!r}: {error.problem}",
                               value=error.value, fix="keep the schedule's values in the option's range") from None

@@ -218,12 +218,9 @@ class Distiller(nn.Module):
                       location: str | None = None) -> nn.Module:
         """A connector kind ``kind`` from student to teacher shape, owned by a term."""
         location = location or owner
-        if kind not in self.registry.connectors:
-            raise ConfigError(location, f"unknown connector {kind!r}", value=kind,
-                              fix=did_you_mean(kind, self.registry.connectors)
-                              or f"connectors: {', '.join(sorted(self.registry.connectors))}")
+        factory = self.registry.lookup("connector", kind, location)
         try:
-            module = self.registry.connectors[kind](tuple(student_shape), tuple(teacher_shape))
+            module = factory(tuple(student_shape), tuple(teacher_shape))
         except ValueError as error:
             joins = [k for k, f in self.registry.connectors.items() if k != kind and _joins(f, student_shape, teacher_shape)]
             raise ConfigError(location, f"connector {kind!r} cannot join the student's {tuple(student_shape)} "

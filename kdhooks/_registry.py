@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ._errors import ConfigError
+from ._errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     from ._schedule import Schedule
@@ -57,6 +57,17 @@ class Registry:
         A factory raises ``ValueError`` saying why when it cannot join the shapes.
         """
         self._add("connector", self.connectors, name, factory)
+
+    def lookup(self, category: str, name: object, location: str) -> Any:
+        """The registered ``category`` kind (term, schedule, connector) called ``name``.
+
+        A ConfigError at ``location`` names the closest registered kinds otherwise.
+        """
+        table = {"term": self.terms, "schedule": self.schedules, "connector": self.connectors}[category]
+        if not isinstance(name, str) or name not in table:
+            raise ConfigError(location, f"unknown {category} kind {name!r}", value=name,
+                              fix=did_you_mean(str(name), table) or f"known {category} kinds: {', '.join(sorted(table))}")
+        return table[name]
 
     def kinds(self) -> list[tuple[str, str, str]]:
         """(category, name, plugin) for every kind, sorted."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ConfigError, did_you_mean
 from ._options import Options
 
 if TYPE_CHECKING:
@@ -33,14 +32,11 @@ def parse_schedule(spec: dict[str, Any], registry: Registry, location: str) -> S
     """A Schedule from its config mapping; nested schedules (warmup's ``then``) included."""
     spec = dict(spec)
     kind = spec.pop("schedule")
-    if kind not in registry.schedules:
-        raise ConfigError(f"{location}.schedule", f"unknown schedule {kind!r}", value=kind,
-                          fix=did_you_mean(str(kind), registry.schedules)
-                          or f"known schedules: {', '.join(sorted(registry.schedules))}")
+    schedule_class = registry.lookup("schedule", kind, f"{location}.schedule")
     for key, value in spec.items():
         if is_schedule_spec(value):
             spec[key] = parse_schedule(value, registry, f"{location}.{key}")
-    return registry.schedules[kind].validate(spec, location)
+    return schedule_class.validate(spec, location)
 
 
 def value_at(value: float | Schedule, step: int) -> float:
