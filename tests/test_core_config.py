@@ -106,26 +106,6 @@ def test_two_terms_of_a_kind_get_indexed_names_and_duplicates_are_refused():
     assert error.location == "terms[1].name"
 
 
-def test_a_kind_registered_twice_is_refused():
-    class First(kdhooks.Term):
-        pass
-
-    class Second(kdhooks.Term):
-        pass
-
-    registry = kdhooks.Registry()
-    registry.current_plugin = "first"
-    registry.add_term("same", First)
-    registry.current_plugin = "second"
-    with pytest.raises(kdhooks.ConfigError, match="provided twice: by 'first' and by 'second'"):
-        registry.add_term("same", Second)
-    assert Second.kind == "" and First.kind == "same"
-    with pytest.raises(kdhooks.ConfigError, match="registered as 'same' and again as 'other'"):
-        registry.add_term("other", First)
-    with pytest.raises(TypeError, match="subclass of kdhooks.Term"):
-        registry.add_term("base", kdhooks.Term)
-
-
 def test_unknown_plugin_module_and_disabled_plugin():
     error = error_of({"plugins": ["no_such_module_xyz"]})
     assert error.location == "plugins[0]"

@@ -64,32 +64,6 @@ def test_selectors_and_capture_policy_for_a_module_called_twice():
     torch.testing.assert_close(captures[logits], teacher(x)["logits"])
 
 
-def test_kd_equals_a_hand_computation():
-    student, teacher = pair()
-    x, y = batch()
-    with kdhooks.Distiller(student, teacher, {"task_weight": 0.3, "terms": [{"kind": "kd", "weight": 0.7, "temperature": 3}]}) as kd:
-        s_logits = student(x)
-        total = kd(F.cross_entropy(s_logits, y), labels=y)
-    with torch.no_grad():
-        t_logits = teacher.eval()(x)
-    T = 3.0
-    p_t = torch.softmax(t_logits / T, 1)
-    by_hand = (p_t * (torch.log(p_t) - torch.log_softmax(s_logits / T, 1))).sum(1).mean() * T * T
-    expected = 0.3 * F.cross_entropy(s_logits, y) + 0.7 * by_hand
-    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
-    assert kd.last_losses["kd"] == pytest.approx(0.7 * by_hand.item(), rel=1e-5)
-    assert kd.last_losses["total"] == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_logits_l2_is_mean_squared_logits():
-    student, teacher = pair()
-    x, y = batch()
-    with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "logits_l2"}]}) as kd:
-        s_logits = student(x)
-        kd(None)
-    assert kd.last_losses["logits_l2"] == pytest.approx(((s_logits - teacher.eval()(x)) ** 2).mean().item(), rel=1e-5)
-
-
 def test_gradients_reach_student_and_connector_never_teacher():
     student, teacher = pair()
     x, y = batch()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import kdhooks
+from _detection import ToyDetector, anchors_for
 from kdhooks.plugins.detection import (bounded_regression_loss, box_iou, feature_imitation_loss, imitation_mask,
                                        ld_loss, soft_binary_cls_loss, soft_cls_loss)
 
@@ -30,16 +31,6 @@ def test_box_iou_matches_the_definition():
     for i in range(7):
         for j in range(5):
             assert iou[i, j].item() == pytest.approx(iou_by_hand(boxes[i].tolist(), others[j].tolist()), abs=1e-6)
-
-
-def anchors_for(size, stride, shapes):
-    """(H·W·A, 4) anchors, rows ordered (y, x, anchor) as dense heads flatten them."""
-    rows = []
-    for y in range(size):
-        for x in range(size):
-            cx, cy = (x + 0.5) * stride, (y + 0.5) * stride
-            rows += [[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2] for w, h in shapes]
-    return torch.tensor(rows)
 
 
 def test_imitation_mask_is_wang_et_al_fine_grained_region():
@@ -123,37 +114,6 @@ def test_ld_loss_is_tempered_kl_per_edge():
     expected = np.mean([(p_t[n] * (np.log(p_t[n]) - np.log(p_s[n]))).sum() for n in range(8)]) * T**2
     assert ld_loss(student, teacher, T).item() == pytest.approx(expected, rel=1e-4)
     assert ld_loss(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-6)
-
-
-class Levels(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.convs = nn.ModuleList([nn.Conv2d(3, channels, 3, stride=s, padding=1) for s in (4, 8)])
-
-    def forward(self, x):
-        return tuple(conv(x) for conv in self.convs)
-
-
-class Head(nn.Module):
-    def __init__(self, channels, priors=2, classes=3, values=4):
-        super().__init__()
-        self.cls = nn.Conv2d(channels, priors * classes, 1)
-        self.reg = nn.Conv2d(channels, priors * values, 1)
-
-    def forward(self, features):
-        return [self.cls(f) for f in features], [self.reg(f) for f in features]
-
-
-class ToyDetector(nn.Module):
-    """A two-level dense detector: neck -> (per-level class scores, per-level box outputs)."""
-
-    def __init__(self, channels, priors=2, classes=3, values=4):
-        super().__init__()
-        self.neck = Levels(channels)
-        self.bbox_head = Head(channels, priors, classes, values)
-
-    def forward(self, x):
-        return self.bbox_head(self.neck(x))
 
 
 def rows(maps, values):

@@ -1,4 +1,4 @@
-"""grad_at against its formula and in training; every term's gradients reach the student and its connectors only."""
+"""grad_at (plugins/gradients.py) against its formula, in training, and its shape checks."""
 import copy
 
 import pytest
@@ -8,49 +8,6 @@ import torch.nn.functional as F
 import kdhooks
 from _models import batch, pair
 from kdhooks.plugins.gradients import grad_at_loss
-
-RELUS = ["stage1.2", "stage2.1.2", "stage3.1.2"]
-STAGES = ["stage1", "stage2", "stage3"]
-
-EVERY_TERM = {
-    "kd": {"kind": "kd"},
-    "logits_l2": {"kind": "logits_l2"},
-    "dkd": {"kind": "dkd"},
-    "weights": {"kind": "weights", "student": "stage3.1.0.weight", "teacher": "stage3.1.0.weight"},
-    "fitnets": {"kind": "fitnets", "student": "stage2", "teacher": "stage2"},
-    "mmd": {"kind": "mmd", "student": STAGES, "teacher": STAGES},
-    "ft": {"kind": "ft", "student": "stage3", "teacher": "stage3", "paraphraser_steps": 1},
-    "grad_at": {"kind": "grad_at"},
-    "at": {"kind": "at", "student": STAGES, "teacher": STAGES},
-    "ab": {"kind": "ab", "student": RELUS, "teacher": RELUS},
-    "fsp": {"kind": "fsp", "student": [["stage1", "stage2"]], "teacher": [["stage1", "stage2"]]},
-    "rkd": {"kind": "rkd", "student": "pool", "teacher": "pool"},
-    "sp": {"kind": "sp", "student": "stage3", "teacher": "stage3"},
-    "pkt": {"kind": "pkt", "student": "pool", "teacher": "pool"},
-}
-
-
-@pytest.mark.parametrize("kind", list(EVERY_TERM))
-def test_gradients_reach_student_and_connectors_never_the_teacher(kind):
-    student, teacher = pair()
-    x, y = batch(16)
-    before = copy.deepcopy(teacher.state_dict())
-    with kdhooks.Distiller(student, teacher, {"task_weight": 0, "terms": [EVERY_TERM[kind]]},
-                           example_inputs=x[:2]) as kd:
-        student.train()
-        for _ in range(2):  # FT transfers from its second step on
-            student.zero_grad()
-            kd.zero_grad()
-            total = kd(F.cross_entropy(student(x), y), labels=y)
-            total.backward()
-        assert total.item() > 0
-        trained = [p for p in kd.parameters() if p.requires_grad]  # FT's paraphraser trains itself
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-        reached = [name for name, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-        assert reached, f"{kind}: no gradient reached the student"
-        assert not any(p.requires_grad for p in teacher.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
 
 def test_grad_at_is_beta_half_norm_of_normalized_gradient_difference():

@@ -1,0 +1,44 @@
+"""A toy two-level dense detector and its anchors, for the detection terms' tests (no mmdet needed)."""
+import torch
+from torch import nn
+
+
+def anchors_for(size, stride, shapes):
+    """(H·W·A, 4) anchors, rows ordered (y, x, anchor) as dense heads flatten them."""
+    rows = []
+    for y in range(size):
+        for x in range(size):
+            cx, cy = (x + 0.5) * stride, (y + 0.5) * stride
+            rows += [[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2] for w, h in shapes]
+    return torch.tensor(rows)
+
+
+class Levels(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, channels, 3, stride=s, padding=1) for s in (4, 8)])
+
+    def forward(self, x):
+        return tuple(conv(x) for conv in self.convs)
+
+
+class Head(nn.Module):
+    def __init__(self, channels, priors=2, classes=3, values=4):
+        super().__init__()
+        self.cls = nn.Conv2d(channels, priors * classes, 1)
+        self.reg = nn.Conv2d(channels, priors * values, 1)
+
+    def forward(self, features):
+        return [self.cls(f) for f in features], [self.reg(f) for f in features]
+
+
+class ToyDetector(nn.Module):
+    """A two-level dense detector: neck -> (per-level class scores, per-level box outputs)."""
+
+    def __init__(self, channels, priors=2, classes=3, values=4):
+        super().__init__()
+        self.neck = Levels(channels)
+        self.bbox_head = Head(channels, priors, classes, values)
+
+    def forward(self, x):
+        return self.bbox_head(self.neck(x))
