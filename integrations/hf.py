@@ -70,8 +70,17 @@ class DistillationMixin:
     # --- the teacher ------------------------------------------------------------------------
 
     def _call_teacher(self, teacher: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """The teacher on the student's inputs, without labels, under the Trainer's mixed precision."""
+        """The teacher on the student's inputs, without labels, under the Trainer's mixed precision.
+
+        An encoder-decoder teacher decodes what the student decodes: the student
+        makes its decoder inputs from ``labels`` (shifted right), so the teacher gets
+        the same decoder inputs made the same way, and no labels.
+        """
+        labels = kwargs.get("labels")
         kwargs = {key: value for key, value in kwargs.items() if key not in self._not_for_teacher}
+        if (labels is not None and getattr(getattr(teacher, "config", None), "is_encoder_decoder", False)
+                and kwargs.get("decoder_input_ids") is None and kwargs.get("decoder_inputs_embeds") is None):
+            kwargs["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=labels)
         # the Distiller runs the teacher from a pre-hook, outside the autocast accelerate wraps forward in
         with self.accelerator.autocast():
             return teacher(*args, **kwargs)
