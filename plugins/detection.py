@@ -10,7 +10,9 @@ gives, so that row ``i`` of a level is prior ``i`` of that level:
 - ``gt_boxes``: per image, ``(n, 4)`` boxes ``x1, y1, x2, y2`` in input pixels;
 - ``priors``: per level, ``(H·W·A, 4)`` anchor boxes;
 - ``reg_targets``, ``reg_weights``: per level, ``(B, H·W·A, 4)`` regression
-  targets in the head's encoding and their weights (non-zero at positives);
+  targets in the encoding of the head's box outputs (deltas; an integration
+  encodes the gt boxes that heads with decoded-box losses assign) and their
+  weights (non-zero at positives);
 - ``positives``: per level, ``(B, H·W·A)`` True where the head's assigner
   made a prior positive.
 
@@ -68,6 +70,12 @@ def imitation_mask(priors: list[torch.Tensor], gt_boxes: list[torch.Tensor], siz
     return masks
 
 
+def positive_mask(positives: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A level's (B, H·W·A) positives as a (B, H, W) mask: 1 where some prior of the location is positive."""
+    batch, _, height, width = shape
+    return positives.reshape(batch, height, width, -1).any(dim=-1).float()
+
+
 def feature_imitation_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
                            masks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Σ_levels Σ_{b,i,j,c} I_bij (s − t)² / (2 N_p), N_p = Σ I (all locations when ``masks`` is None)."""
@@ -120,6 +128,25 @@ def ld_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, temper
     return kd_loss(student_corners, teacher_corners, temperature)
 
 
+def ld_head_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, scores: torch.Tensor,
+                 temperature: float = 10.0) -> torch.Tensor:
+    """mmdet's ``LDHead`` ``loss_ld`` at loss_weight 1: Σ_priors w Σ_edges T² KL_e / (bins · 4).
+
+    Rows are positive priors, ``(N, 4 · bins)`` bin logits; ``scores`` (N,) is
+    each prior's highest sigmoid class score of the student (detached), the
+    weight LDHead gives its edges. KL_e is averaged over the bins and the sum is
+    divided by 4 (LDHead's ``avg_factor=4.0``), not by the number of priors.
+    """
+    if student_corners.shape[0] == 0:
+        return student_corners.sum() * 0.0
+    bins = student_corners.shape[-1] // 4
+    student_log_probs = F.log_softmax(student_corners.float().reshape(-1, bins) / temperature, dim=-1)
+    teacher_probs = F.softmax(teacher_corners.float().reshape(-1, bins) / temperature, dim=-1)
+    per_edge = F.kl_div(student_log_probs, teacher_probs, reduction="none").mean(dim=-1) * temperature ** 2
+    weights = scores.detach().float()[:, None].expand(-1, 4).reshape(-1)
+    return (per_edge * weights).sum() / 4.0
+
+
 def _levels(value: Any) -> list[torch.Tensor]:
     """A tapped head or neck output as a list of level maps (one tensor counts as one level)."""
     return [value] if isinstance(value, torch.Tensor) else list(value)
@@ -163,17 +190,32 @@ def _class_rows(logits: list[torch.Tensor], classes: int) -> torch.Tensor:
 
 
 class DetFeatureImitation(kdhooks.Term):
-    """Fine-grained feature imitation (Wang et al. 2019): per-level L2 of 1x1-adapted student features, near objects."""
+    """Fine-grained feature imitation (Wang et al. 2019): per-level L2 of 1x1-adapted student features, near objects.
+
+    Levels are paired by stride: on the same input, a student level and a
+    teacher level of the same grid size (H, W) have the same stride, so a P2–P6
+    student learns P3–P6 from a P3–P7 teacher. ``levels`` chooses among the
+    student's levels (all that have a teacher level of their stride by default).
+
+    ``region``: ``objects`` is Wang et al.'s near-object mask from the student
+    head's anchors (``priors``, ``gt_boxes``); ``positives`` the locations where
+    the student head's own assigner made a prior positive (``positives``), the
+    near-object region of anchor-free heads (FCOS: points inside a box, within
+    its centre-sampling radius, in the level's regression range); ``all``
+    every location. After each step ``last_masks`` holds the masks used, per
+    paired level ``(B, H, W)`` (kdhooks.integrations.mmdet's
+    ``ImitationMaskHook`` saves them over the images as PNGs).
+    """
 
     student: str = "neck"
     teacher: str = "neck"
-    region: Literal["objects", "all"] = "objects"
+    region: Literal["objects", "positives", "all"] = "objects"
     ratio: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.5  # of a box's best IoU: 1 would keep no prior
     levels: list[int] | None = None
     connector: str = "conv1x1"
 
     def extras_needed(self) -> set[str]:
-        return {"gt_boxes", "priors"} if self.region == "objects" else set()
+        return {"objects": {"gt_boxes", "priors"}, "positives": {"positives"}, "all": set()}[self.region]
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return {"student_features": kdhooks.Tap("student", self.student),
@@ -183,44 +225,84 @@ class DetFeatureImitation(kdhooks.Term):
         chosen = self.levels if self.levels is not None else list(range(count))
         for level in chosen:
             if not -count <= level < count:
-                raise kdhooks.ConfigError(f"{self.location}.levels", f"there is no level {level}", value=level,
-                                          fix=f"levels are 0..{count - 1}")
-        return chosen
+                raise kdhooks.ConfigError(f"{self.location}.levels", f"the student has no level {level}", value=level,
+                                          fix=f"levels are the student's 0..{count - 1}")
+        return [level % count for level in chosen]
 
-    def check(self, shapes: dict[str, Any]) -> None:
+    def _grids(self, shapes: list[tuple], role: str) -> dict[tuple, list[int]]:
+        """The role's levels by grid size (H, W); each must be a feature map (B, C, H, W)."""
+        grids: dict[tuple, list[int]] = {}
+        for level, shape in enumerate(shapes):
+            if len(shape) != 4:
+                raise kdhooks.ConfigError(self.location_of(f"{role}_features"), f"the {role}'s level {level} has "
+                                          f"shape {shape}, not a feature map (B, C, H, W)", value=shape,
+                                          fix="tap a neck or its levels (e.g. neck, neck:1)")
+            grids.setdefault(tuple(shape[2:]), []).append(level)
+        return grids
+
+    def level_pairs(self, shapes: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """(student level, teacher level) pairs of the same stride; None when the captures hold no tensors."""
         student_shapes, teacher_shapes = _shapes(shapes["student_features"]), _shapes(shapes["teacher_features"])
         if student_shapes is None or teacher_shapes is None:
-            return
-        if len(student_shapes) != len(teacher_shapes):
-            raise kdhooks.ConfigError(self.location, f"the student has {len(student_shapes)} levels at "
-                                      f"{self.student!r}, the teacher {len(teacher_shapes)} at {self.teacher!r}",
-                                      value=[student_shapes, teacher_shapes],
-                                      fix="tap outputs with the same levels (e.g. both necks)")
+            return None
+        mine, theirs = self._grids(student_shapes, "student"), self._grids(teacher_shapes, "teacher")
+        pairs = []
         for level in self._chosen_levels(len(student_shapes)):
-            student_shape, teacher_shape = student_shapes[level], teacher_shapes[level]
-            # the connector maps channels; the images and the grid must be the same
-            if len(student_shape) != 4 or len(teacher_shape) != 4 or \
-                    (student_shape[0], *student_shape[2:]) != (teacher_shape[0], *teacher_shape[2:]):
-                raise kdhooks.ConfigError(self.location, f"level {level}: student {student_shape} and teacher "
-                                          f"{teacher_shape} are not feature maps of the same size",
-                                          value=[student_shape, teacher_shape], fix="pair levels of the same stride")
+            grid = tuple(student_shapes[level][2:])
+            if len(mine[grid]) > 1 or len(theirs.get(grid, [])) > 1:
+                raise kdhooks.ConfigError(self.location, f"several levels have the same {grid} grid on the example "
+                                          f"input (student levels {mine[grid]}, teacher levels "
+                                          f"{theirs.get(grid, [])}): their strides cannot be told apart",
+                                          value=[student_shapes, teacher_shapes],
+                                          fix="a larger example input (mmdet: example_size at least twice the "
+                                          "largest stride), or choose levels")
+            if grid not in theirs:
+                if self.levels is not None:
+                    raise kdhooks.ConfigError(f"{self.location}.levels", f"the student's level {level} ({grid} "
+                                              f"grid) has no teacher level of its stride; the teacher's grids are "
+                                              f"{sorted(theirs, reverse=True)}", value=self.levels,
+                                              fix="choose student levels whose stride the teacher has")
+                continue
+            teacher_level = theirs[grid][0]
+            if student_shapes[level][0] != teacher_shapes[teacher_level][0]:
+                raise kdhooks.ConfigError(self.location, f"student {student_shapes[level]} and teacher "
+                                          f"{teacher_shapes[teacher_level]} hold different numbers of images",
+                                          value=[student_shapes, teacher_shapes],
+                                          fix="run both models on the same batch")
+            pairs.append((level, teacher_level))
+        if not pairs:
+            raise kdhooks.ConfigError(self.location, f"no student level has the stride of a teacher level: student "
+                                      f"grids {[tuple(s[2:]) for s in student_shapes]}, teacher grids "
+                                      f"{[tuple(s[2:]) for s in teacher_shapes]} on the same input",
+                                      value=[student_shapes, teacher_shapes],
+                                      fix="tap outputs with levels of common strides (e.g. both necks)")
+        return pairs
+
+    def check(self, shapes: dict[str, Any]) -> None:
+        self.level_pairs(shapes)
 
     def build(self, distiller: kdhooks.Distiller, shapes: dict[str, Any]) -> None:
         student_shapes, teacher_shapes = _shapes(shapes["student_features"]), _shapes(shapes["teacher_features"])
-        self._chosen = self._chosen_levels(len(student_shapes))
+        self._pairs = self.level_pairs(shapes)
+        # the connector maps channels; the images and the grid are the same
         self.adapters: list[nn.Module] = [
-            distiller.add_connector(self.name, student_shapes[level], teacher_shapes[level], self.connector,
-                                    location=f"{self.location}.connector") for level in self._chosen]
+            distiller.add_connector(self.name, student_shapes[s], teacher_shapes[t], self.connector,
+                                    location=f"{self.location}.connector") for s, t in self._pairs]
 
     def loss(self, ctx: kdhooks.LossContext, student_features: Any, teacher_features: Any) -> torch.Tensor:
         student_levels, teacher_levels = _levels(student_features), _levels(teacher_features)
-        adapted = [adapter(student_levels[level]) for adapter, level in zip(self.adapters, self._chosen)]
-        teachers = [teacher_levels[level] for level in self._chosen]
+        adapted = [adapter(student_levels[s]) for adapter, (s, _) in zip(self.adapters, self._pairs)]
+        teachers = [teacher_levels[t] for _, t in self._pairs]
         masks = None
         if self.region == "objects":
+            # the student head's priors, one list per student level
             all_masks = imitation_mask(ctx.extras["priors"], ctx.extras["gt_boxes"],
-                                       [tuple(m.shape[-2:]) for m in teacher_levels], self.ratio)
-            masks = [all_masks[level] for level in self._chosen]
+                                       [tuple(m.shape[-2:]) for m in student_levels], self.ratio)
+            masks = [all_masks[s] for s, _ in self._pairs]
+        elif self.region == "positives":
+            masks = [positive_mask(ctx.extras["positives"][s], student_levels[s].shape) for s, _ in self._pairs]
+        # this step's masks per paired level, (B, H, W), for a user to look at (None with region: all)
+        self.last_masks = None if masks is None else [m.detach() for m in masks]
         return feature_imitation_loss(adapted, teachers, masks)
 
 
@@ -272,7 +354,12 @@ class DetClsKD(kdhooks.Term):
 
 
 class DetBoundedReg(kdhooks.Term):
-    """Teacher bounded regression (Chen et al. 2017): student L2 to the target where above the teacher's − m."""
+    """Teacher bounded regression (Chen et al. 2017): student L2 to the target where above the teacher's − m.
+
+    Both heads' box outputs and the ``reg_targets`` are compared row by row, one
+    row per prior, in the same encoding: the integration checks at attach that
+    the two heads encode boxes alike and gives the targets in that encoding.
+    """
 
     student: str = "bbox_head:1"
     teacher: str = "bbox_head:1"
@@ -296,26 +383,48 @@ class DetBoundedReg(kdhooks.Term):
         teachers = torch.cat([r.reshape(-1, values) for r in flatten_levels(_levels(teacher_reg), values)])
         targets = torch.cat([t.reshape(-1, values) for t in targets])
         positive = torch.cat([w.reshape(-1, values) for w in weights]).sum(dim=-1) > 0
+        if students.shape[0] != targets.shape[0]:
+            raise kdhooks.ConfigError(self.location, f"the box outputs hold {students.shape[0]} rows of {values} "
+                                      f"values, the regression targets {targets.shape[0]}: the outputs are not "
+                                      f"{values} values per prior (a distribution head?)", value=self.student,
+                                      fix="tap box deltas (bbox_head:1 of an anchor head); for distribution heads "
+                                      "(GFL) use ld")
         return bounded_regression_loss(students[positive], teachers[positive], targets[positive], self.margin)
 
 
 class LD(kdhooks.Term):
-    """Localization distillation (Zheng et al. 2022): KL between per-edge box distributions, T = 10."""
+    """Localization distillation (Zheng et al. 2022): KL between per-edge box distributions, T = 10.
+
+    ``form: mean`` (default) is T² · KL averaged over the edges of the chosen
+    priors. ``form: mmdet`` is mmdet's ``LDHead`` ``loss_ld`` exactly: each
+    positive prior's edges weighted by the student's highest sigmoid class
+    score (read from ``student_scores``), KL averaged over the bins, the sum
+    divided by 4; with ``weight`` = LDHead's ``loss_weight`` (0.25 in mmdet's
+    configs) the two are equal. Per edge, ``mean`` is ``bins`` × LDHead's term.
+    """
 
     student: str = "bbox_head:1"
     teacher: str = "bbox_head:1"
     temperature: kdhooks.Positive = 10.0
     region: Literal["positives", "all"] = "positives"
     bins: kdhooks.PositiveInt | None = None
+    form: Literal["mean", "mmdet"] = "mean"
+    student_scores: str = "bbox_head:0"
 
     def extras_needed(self) -> set[str]:
         return {"positives"} if self.region == "positives" else set()
 
     def taps(self) -> dict[str, kdhooks.Tap]:
-        return {"student_corners": kdhooks.Tap("student", self.student),
+        taps = {"student_corners": kdhooks.Tap("student", self.student),
                 "teacher_corners": kdhooks.Tap("teacher", self.teacher)}
+        if self.form == "mmdet":
+            taps["student_scores"] = kdhooks.Tap("student", self.student_scores)
+        return taps
 
     def check(self, shapes: dict[str, Any]) -> None:
+        if self.form == "mmdet" and self.region != "positives":
+            raise kdhooks.ConfigError(f"{self.location}.region", "form: mmdet is LDHead's loss, which reads the "
+                                      "positive priors only", value=self.region, fix="region: positives")
         student_shapes = _matching_levels(self, shapes, "student_corners", "teacher_corners", "box distributions",
                                           "use heads with the same reg_max and strides")
         if student_shapes is None:
@@ -325,8 +434,15 @@ class LD(kdhooks.Term):
             raise kdhooks.ConfigError(f"{self.location}.bins", f"{channels} channels are not 4 edges × "
                                       f"{self.bins or 'some'} bins per prior", value=self.bins,
                                       fix="bins = reg_max + 1" if self.bins else "tap the box distribution branch")
+        score_shapes = _shapes(shapes["student_scores"]) if self.form == "mmdet" else None
+        if score_shapes is not None and [(s[0], *s[2:]) for s in score_shapes] != \
+                [(s[0], *s[2:]) for s in student_shapes]:
+            raise kdhooks.ConfigError(self.location_of("student_scores"), f"the class scores {score_shapes} are not "
+                                      f"maps of the box distributions' levels {student_shapes}",
+                                      value=self.student_scores, fix="the head's class scores (bbox_head:0)")
 
-    def loss(self, ctx: kdhooks.LossContext, student_corners: Any, teacher_corners: Any) -> torch.Tensor:
+    def loss(self, ctx: kdhooks.LossContext, student_corners: Any, teacher_corners: Any,
+             student_scores: Any = None) -> torch.Tensor:
         students, teachers = _levels(student_corners), _levels(teacher_corners)
         # GFL-style heads have one prior per location: 4 edges × bins channels
         bins = self.bins or students[0].shape[1] // 4
@@ -335,6 +451,11 @@ class LD(kdhooks.Term):
         if self.region == "positives":
             positive = torch.cat([p.reshape(-1) for p in ctx.extras["positives"]]).bool()
             student_rows, teacher_rows = student_rows[positive], teacher_rows[positive]
+        if self.form == "mmdet":
+            scores = _levels(student_scores)
+            scores = torch.cat([r.reshape(-1, r.shape[-1]) for r in flatten_levels(scores, scores[0].shape[1])])
+            return ld_head_loss(student_rows, teacher_rows, scores.detach().sigmoid().max(dim=-1).values[positive],
+                                self.temperature)
         return ld_loss(student_rows.reshape(-1, bins), teacher_rows.reshape(-1, bins), self.temperature)
 
 

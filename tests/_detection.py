@@ -14,9 +14,9 @@ def anchors_for(size, stride, shapes):
 
 
 class Levels(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, strides=(4, 8)):
         super().__init__()
-        self.convs = nn.ModuleList([nn.Conv2d(3, channels, 3, stride=s, padding=1) for s in (4, 8)])
+        self.convs = nn.ModuleList([nn.Conv2d(3, channels, 3, stride=s, padding=1) for s in strides])
 
     def forward(self, x):
         return tuple(conv(x) for conv in self.convs)
@@ -35,9 +35,9 @@ class Head(nn.Module):
 class ToyDetector(nn.Module):
     """A two-level dense detector: neck -> (per-level class scores, per-level box outputs)."""
 
-    def __init__(self, channels, priors=2, classes=3, values=4):
+    def __init__(self, channels, priors=2, classes=3, values=4, strides=(4, 8)):
         super().__init__()
-        self.neck = Levels(channels)
+        self.neck = Levels(channels, strides)
         self.bbox_head = Head(channels, priors, classes, values)
 
     def forward(self, x):

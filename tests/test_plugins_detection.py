@@ -181,10 +181,41 @@ def test_det_feature_imitation_adapts_each_level_and_trains_its_connectors():
     loss.backward()
     assert all(c[0].weight.grad.abs().sum() > 0 for c in adapters)
     assert student.neck.convs[0].weight.grad.abs().sum() > 0
-    with pytest.raises(kdhooks.ConfigError, match="levels"):
-        run_term({"kind": "det_feature_imitation", "student": "neck", "teacher": "neck:0"}, student, teacher, x)
     loss, *_ = run_term({"kind": "det_feature_imitation", "region": "all", "levels": [1]}, student, teacher, x)
     assert math.isfinite(loss.item()) and loss.item() > 0
+
+
+def test_det_feature_imitation_pairs_levels_by_stride_not_by_index():
+    # a P2-P4 student (strides 4, 8, 16) and a P3-P5 teacher (8, 16, 32): P3 and P4 are common
+    x = torch.randn(2, 3, 64, 64)
+    student, teacher = ToyDetector(4, strides=(4, 8, 16)), ToyDetector(8, strides=(8, 16, 32))
+    loss, _, _, kd = run_term({"kind": "det_feature_imitation", "region": "all"}, student, teacher, x)
+    term = kd.terms[0]
+    assert term._pairs == [(1, 0), (2, 1)] and len(kd.connectors) == 2
+    adapters = list(kd.connectors.values())
+    s_levels, t_levels = student.neck(x), teacher.neck(x)
+    expected = feature_imitation_loss([adapters[0](s_levels[1]), adapters[1](s_levels[2])], [t_levels[0], t_levels[1]])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # near objects: the mask of each student level (the student's priors) goes with its teacher level
+    priors = [anchors_for(16, 4, [(8, 8)]), anchors_for(8, 8, [(16, 16)]), anchors_for(4, 16, [(32, 32)])]
+    gt = [torch.tensor([[4.0, 4.0, 30.0, 36.0]]), torch.tensor([[20.0, 12.0, 60.0, 44.0]])]
+    loss, _, _, kd = run_term({"kind": "det_feature_imitation"}, student, teacher, x, priors=priors, gt_boxes=gt)
+    masks = imitation_mask(priors, gt, [(16, 16), (8, 8), (4, 4)])
+    adapters = list(kd.connectors.values())
+    expected = feature_imitation_loss([adapters[0](s_levels[1]), adapters[1](s_levels[2])], [t_levels[0], t_levels[1]],
+                                      [masks[1], masks[2]])
+    assert masks[1].sum() > 0 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # a student level chosen by hand must have a teacher level of its stride; no common stride at all is refused
+    with pytest.raises(kdhooks.ConfigError, match="level 0 .* has no teacher level of its stride"):
+        run_term({"kind": "det_feature_imitation", "region": "all", "levels": [0]}, student, teacher, x)
+    with pytest.raises(kdhooks.ConfigError, match="no student level has the stride of a teacher level"):
+        run_term({"kind": "det_feature_imitation", "region": "all"}, ToyDetector(4, strides=(2, 4)), teacher, x)
+    # two levels of one grid on the example input: the strides cannot be told apart
+    with pytest.raises(kdhooks.ConfigError, match="cannot be told apart"):
+        run_term({"kind": "det_feature_imitation", "region": "all"}, ToyDetector(4, strides=(32, 64)),
+                 ToyDetector(8, strides=(32, 64)), torch.randn(2, 3, 32, 32))
 
 
 def test_loss_parts_are_what_kd_sums_by_name_with_their_graphs():
@@ -202,3 +233,24 @@ def test_loss_parts_are_what_kd_sums_by_name_with_their_graphs():
         assert sum(parts.values()).item() == pytest.approx(kd.last_losses["total"], rel=1e-6)
         total = kd(student(x)[0][0].pow(2).mean())
         assert kd.step == 2 and total.item() == pytest.approx(kd.last_losses["total"], rel=1e-6)
+
+
+def test_det_feature_imitation_on_the_heads_positives():
+    """region: positives: a location counts where the head's assigner made one of its priors positive."""
+    x = torch.randn(2, 3, 32, 32)
+    student, teacher = ToyDetector(4), ToyDetector(8)
+    positives = [torch.rand(2, 8 * 8 * 2) > 0.8, torch.rand(2, 4 * 4 * 2) > 0.8]   # 2 priors per location
+    loss, _, _, kd = run_term({"kind": "det_feature_imitation", "region": "positives"}, student, teacher, x,
+                              positives=positives)
+    masks = [p.reshape(2, size, size, 2).any(-1).float() for p, size in zip(positives, (8, 4))]
+    # by hand: the location (y, x) of row i is i // priors in row-major order
+    for level, size in enumerate((8, 4)):
+        for image in range(2):
+            for row in positives[level][image].nonzero().flatten().tolist():
+                assert masks[level][image, (row // 2) // size, (row // 2) % size] == 1
+    assert masks[0].sum() < masks[0].numel()
+    adapters = list(kd.connectors.values())
+    expected = feature_imitation_loss([a(f) for a, f in zip(adapters, student.neck(x))], teacher.neck(x), masks)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(kdhooks.LossError, match="extras have no .positives."):
+        run_term({"kind": "det_feature_imitation", "region": "positives"}, student, teacher, x)

@@ -17,7 +17,9 @@ STUDENT_PREFIX = "student."
 def export_student(checkpoint: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
     """Write the student's weights from a DistilledDetector checkpoint as a plain mmdet checkpoint.
 
-    With ``config`` (the distillation config) the student's config is written next to it as ``<out>.py``.
+    With ``config`` (the distillation config) the student's config is written next to it as ``<out>.py``:
+    the config without the teacher (no top-level value naming the teacher's config or checkpoint remains), its
+    ``load_from`` the checkpoint written, as ``out`` was given.
     """
     if not Path(checkpoint).is_file():
         raise kdhooks.ConfigError(str(checkpoint), "checkpoint not found", value=str(checkpoint),
@@ -38,6 +40,11 @@ def export_student(checkpoint: str | Path, out: str | Path, config: str | Path |
         if cfg.model.get("type") != "DistilledDetector":
             raise kdhooks.ConfigError(f"{config}:model.type", "not a DistilledDetector config",
                                       value=cfg.model.get("type"), fix="pass the distillation config")
+        # the teacher's config and checkpoint (a '{{ fileDirname }}' path of this machine, often kept in a
+        # top-level variable such as `teacher_config`) are not the student's: drop every value naming them
+        teacher_refs = {str(v) for v in (cfg.model.get("teacher"), cfg.model.get("teacher_ckpt")) if isinstance(v, str)}
+        for key in [k for k, v in cfg.items() if isinstance(v, str) and v in teacher_refs]:
+            cfg.pop(key)
         cfg.model = cfg.model.student
         imports = [m for m in cfg.get("custom_imports", {}).get("imports", []) if not m.startswith("kdhooks")]
         if "custom_imports" in cfg:
