@@ -6,7 +6,7 @@ features cannot be compared is a ConfigError at attach time.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,48 @@ class PairedLayers(kdhooks.Term):
 
     def taps(self) -> dict[str, kdhooks.Tap]:
         return pair_taps(self.pairs, self.tap_kind)
+
+
+# per-pair weights: by name, or one non-negative number per layer pair
+LayerWeights = Literal["equal", "halving"] | list[kdhooks.NonNegative]
+
+
+def resolve_layer_weights(term: kdhooks.Term, spec: LayerWeights, count: int) -> list[float]:
+    """One weight per layer pair, shallowest pair first.
+
+    ``equal``: 1 each. ``halving``: each pair half the next deeper one, the
+    deepest 1 (2^(i−n+1): ¼, ½, 1 for three), the weighting of AB's authors'
+    code and RepDistiller's ``ABLoss``. A list is taken as written and must
+    have one number per pair.
+    """
+    if spec == "equal":
+        return [1.0] * count
+    if spec == "halving":
+        return [2.0 ** (i - count + 1) for i in range(count)]
+    weights = [float(w) for w in spec]
+    if len(weights) != count:
+        raise kdhooks.ConfigError(f"{term.location}.layer_weights", f"term {term.name!r} has {count} layer "
+                                  f"pair{'s' if count != 1 else ''} and {len(weights)} layer_weights",
+                                  value=list(spec), fix=f"give {count} numbers, shallowest pair first, or write "
+                                  "`layer_weights: equal` or `halving`")
+    return weights
+
+
+class WeightedLayers(PairedLayers):
+    """Paired layers whose per-pair losses are summed with ``layer_weights`` (equal by default).
+
+    ``self.pair_weights`` holds the resolved weights, one per pair in order.
+    """
+
+    layer_weights: LayerWeights = "equal"
+
+    def configure(self, distiller: kdhooks.Distiller) -> None:
+        super().configure(distiller)
+        self.pair_weights = resolve_layer_weights(self, self.layer_weights, len(self.pairs))
+
+    def weighted(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """Σ_i w_i · loss_i over the layer pairs."""
+        return sum(w * loss for w, loss in zip(self.pair_weights, losses))
 
 
 def shape(value: Any) -> tuple[int, ...]:

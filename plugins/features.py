@@ -1,4 +1,7 @@
-"""Matching intermediate features: the features themselves (FitNets), their distributions (NST), their factors (FT)."""
+"""Matching intermediate features: the features themselves (FitNets), their distributions (NST), their factors (FT).
+
+Constants against the reference code, and how to port a published weight: docs/conventions.md.
+"""
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -9,7 +12,7 @@ from torch import nn
 
 import kdhooks
 
-from ._layers import PairedLayers, check_pairs, check_same_batch, known, resized, shape, smaller_grid, tensor_of
+from ._layers import WeightedLayers, check_pairs, check_same_batch, known, resized, shape, smaller_grid, tensor_of
 
 
 def fitnets_loss(student_hint: torch.Tensor, teacher_guided: torch.Tensor) -> torch.Tensor:
@@ -22,7 +25,13 @@ def fitnets_loss(student_hint: torch.Tensor, teacher_guided: torch.Tensor) -> to
 
 
 class FitNets(kdhooks.Term):
-    """FitNets: hints for thin deep nets (Romero et al. 2015): ||r(student hint) − teacher guided||²."""
+    """FitNets: hints for thin deep nets (Romero et al. 2015): ||r(student hint) − teacher guided||².
+
+    The element mean, as RepDistiller's ``HintLoss`` (its weight 100 ports as
+    is); the paper's ½‖·‖² sums over a sample's elements. The default
+    connector is a 1x1 conv, RepDistiller's ``ConvReg`` a 3x3 conv + BN + ReLU
+    (docs/conventions.md).
+    """
 
     student: str
     teacher: str
@@ -86,13 +95,15 @@ def mmd_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor,
             - 2 * _kernel(student, teacher, kernel, degree, bandwidth).mean((1, 2))).mean()
 
 
-class MMD(PairedLayers):
+class MMD(WeightedLayers):
     """Like what you like: neuron selectivity transfer (Huang & Wang 2017): MMD² of channel-normalized features.
 
-    ``student`` and ``teacher`` are one path or equal-length lists (summed).
-    Channels are the samples of the distribution, so widths may differ; conv
-    maps need no connector, token features (N, L, D) need the same length.
-    The paper weighs the term λ/2 (set it with ``weight``).
+    ``student`` and ``teacher`` are one path or equal-length lists, summed with
+    ``layer_weights`` (default ``equal``). Channels are the samples of the
+    distribution, so widths may differ; conv maps need no connector, token
+    features (N, L, D) need the same length. The paper weighs the term λ/2
+    (set it with ``weight``); RepDistiller's ``NSTLoss`` is this MMD² (polynomial
+    kernel) and its weight 50 ports as is (docs/conventions.md).
     """
 
     kernel: Literal["linear", "polynomial", "gaussian"] = "polynomial"
@@ -102,8 +113,8 @@ class MMD(PairedLayers):
         check_pairs(self, self.pairs, shapes, (4, 3), "a neuron's selectivity is its response over positions")
 
     def loss(self, ctx: kdhooks.LossContext, **features: Any) -> torch.Tensor:
-        return sum(mmd_loss(tensor_of(features[f"student_{i}"]), tensor_of(features[f"teacher_{i}"]),
-                            self.kernel, self.degree) for i in range(len(self.pairs)))
+        return self.weighted([mmd_loss(tensor_of(features[f"student_{i}"]), tensor_of(features[f"teacher_{i}"]),
+                                       self.kernel, self.degree) for i in range(len(self.pairs))])
 
 
 # --- factor transfer ---------------------------------------------------------------------
@@ -185,7 +196,11 @@ class FT(kdhooks.Term):
     ``paraphraser_steps`` steps, during which the term adds nothing, and keeps
     it frozen afterwards unless ``joint``; the user's optimizer trains the
     translator with the student (``kd.parameters()``). β = 500 as in the paper;
-    the loss is the authors' mean over factor elements. The reconstruction loss
+    the loss is the authors' code's (``nn.L1Loss`` between the L2-normalized
+    factors: a mean over factor elements), so their β ports as is.
+    RepDistiller's ``FactorTransfer`` differs in formula (it normalizes
+    mean_c F², an attention map of the factor, not the factor), so its weight
+    200 does not port (docs/conventions.md). The reconstruction loss
     is logged as ``<name>.reconstruction``. Under DDP each process trains its
     own paraphraser on its own batches (their Adam steps are not synchronized).
     """

@@ -1,4 +1,4 @@
-"""Matching the teacher's output logits."""
+"""Matching the teacher's output logits. Constants against the reference code: docs/conventions.md."""
 from __future__ import annotations
 
 from typing import Any
@@ -36,7 +36,12 @@ def check_logits(term: kdhooks.Term, shapes: dict[str, Any]) -> None:
 
 
 class KD(kdhooks.Term):
-    """Distilling the knowledge in a neural network (Hinton, Vinyals & Dean 2015)."""
+    """Distilling the knowledge in a neural network (Hinton, Vinyals & Dean 2015).
+
+    T² · KL(softmax(t/T) ‖ softmax(s/T)), averaged over samples: RepDistiller's
+    ``DistillKL`` and mdistiller's ``kd_loss`` exactly, so their weights port
+    as they are (docs/conventions.md).
+    """
 
     temperature: kdhooks.Positive = 4.0
     student: str = "logits"
@@ -87,7 +92,12 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
 
 class LogitsL2(kdhooks.Term):
-    """Do deep nets really need to be deep? (Ba & Caruana 2014): ||z_s − z_t||² on the logits."""
+    """Do deep nets really need to be deep? (Ba & Caruana 2014): ||z_s − z_t||² on the logits.
+
+    The mean over samples and classes; the paper's ½ Σ over classes (averaged
+    over samples) is C/2 times it, so a weight from the paper is × C/2 here
+    (docs/conventions.md).
+    """
 
     student: str = "logits"
     teacher: str = "logits"
@@ -108,7 +118,8 @@ class DKD(kdhooks.Term):
     """Decoupled knowledge distillation (Zhao et al. 2022): min((step + 1)/warmup, 1) · (α·TCKD + β·NCKD).
 
     Defaults are the paper's CIFAR-100 ones (α = 1, β = 8, T = 4); it ramps the
-    loss in over its first 20 epochs: set ``warmup`` to that many steps.
+    loss in over its first 20 epochs: set ``warmup`` to that many steps. Equal
+    to mdistiller's ``dkd_loss`` (docs/conventions.md).
     """
 
     alpha: kdhooks.NonNegative = 1.0

@@ -6,7 +6,9 @@ attention module the first submodule of a block whose name says ``attn`` or
 ``attention``. Hidden states are numbered as HF's ``output_hidden_states``:
 0 is the embeddings' output (the first block's input), ``i`` the output of
 block ``i``. Masks come from the step's extras (``attention_mask``, ``labels``),
-which the HF integration passes on. No transformers import here.
+which the HF integration passes on. No transformers import here. Constants
+against TinyBERT, TextBrewer and TRL, and how to port their weights:
+docs/conventions.md.
 """
 from __future__ import annotations
 
@@ -180,12 +182,17 @@ class _LayerTerm(kdhooks.Term):
 
 
 class HiddenStates(_LayerTerm):
-    """TinyBERT hidden-state transfer (Jiao et al. 2020): MSE(h_S W_h, h_T) over layer pairs; cosine as DistilBERT."""
+    """TinyBERT hidden-state transfer (Jiao et al. 2020): MSE(h_S W_h, h_T) over layer pairs; cosine as DistilBERT.
+
+    ``reduction: mean`` (default) averages over the layer pairs; ``sum`` adds
+    them, as TinyBERT's and TextBrewer's code do (docs/conventions.md).
+    """
 
     layer_map: LayerMap = "uniform"
     embeddings: bool = False
     distance: Literal["mse", "cosine"] = "mse"
     connector: str = "auto"
+    reduction: Literal["mean", "sum"] = "mean"
 
     def configure_layers(self, distiller: kdhooks.Distiller, student_layers: int, teacher_layers: int) -> None:
         self.pairs = layer_pairs(self.layer_map, student_layers, teacher_layers, first=0,
@@ -217,11 +224,15 @@ class HiddenStates(_LayerTerm):
         for s, t in self.pairs:
             student = self.projections[(s, t)](_first_tensor(hidden[f"student_{s}"]))
             total = total + hidden_states_loss(student, _first_tensor(hidden[f"teacher_{t}"]), mask, self.distance)
-        return total / len(self.pairs)
+        return total / len(self.pairs) if self.reduction == "mean" else total
 
 
 class AttentionMaps(_LayerTerm):
-    """TinyBERT attention transfer (Jiao et al. 2020), MSE or MiniLM's KL per query row, over layer pairs."""
+    """TinyBERT attention transfer (Jiao et al. 2020), MSE or MiniLM's KL per query row, over layer pairs.
+
+    ``reduction: mean`` (default) averages over the layer pairs; ``sum`` adds
+    them, as TinyBERT's and TextBrewer's code do (docs/conventions.md).
+    """
 
     layer_map: LayerMap = "uniform"
     distance: Literal["mse", "kl"] = "mse"
@@ -229,6 +240,7 @@ class AttentionMaps(_LayerTerm):
     embeddings: bool = False
     connector: str = "auto"
     attention: str = "auto"
+    reduction: Literal["mean", "sum"] = "mean"
 
     def configure_layers(self, distiller: kdhooks.Distiller, student_layers: int, teacher_layers: int) -> None:
         self.pairs = layer_pairs(self.layer_map, student_layers, teacher_layers, first=1,
@@ -289,7 +301,9 @@ class AttentionMaps(_LayerTerm):
     def loss(self, ctx: kdhooks.LossContext, **captures: Any) -> dict[str, torch.Tensor]:
         mask = ctx.extras.get("attention_mask")
         attention = sum(attention_maps_loss(captures[f"student_{s}"], captures[f"teacher_{t}"], mask,
-                                            self.distance, self.heads) for s, t in self.pairs) / len(self.pairs)
+                                            self.distance, self.heads) for s, t in self.pairs)
+        if self.reduction == "mean":
+            attention = attention / len(self.pairs)
         parts = {"": attention}
         if self.embeddings:
             student = self.embedding_projection(_first_tensor(captures["student_embeddings"]))
@@ -304,12 +318,16 @@ class LMKD(kdhooks.Term):
     from the head's weights and the hidden states that feed it: by default the
     head's input; ``student_hidden`` names another output that holds them (the
     backbone's, ``model``), for a model whose head module is never called, as
-    under TRL's fused LM head. The same for the teacher.
+    under TRL's fused LM head. The same for the teacher. The loss is the mean
+    over kept tokens × T² (Hinton's convention, ``temperature_squared: true``,
+    the default); ``temperature_squared: false`` leaves out T², as TRL's GKD
+    ``generalized_jsd_loss`` (docs/conventions.md).
     """
 
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
     beta: kdhooks.UnitInterval = 0.5
     temperature: kdhooks.Positive = 1.0
+    temperature_squared: bool = True
     causal: bool = True
     ignore_index: int = -100
     chunk_size: kdhooks.PositiveInt | None = 256
@@ -394,8 +412,9 @@ class LMKD(kdhooks.Term):
         tokens = (student.hidden if isinstance(student, LinearHead) else student).shape[:-1]
         mask = lm_token_mask(tuple(tokens), labels=ctx.labels, attention_mask=ctx.extras.get("attention_mask"),
                              causal=self.causal, ignore_index=self.ignore_index)
-        return lm_kd_loss(student, teacher, mask=mask, divergence=self.divergence, beta=self.beta,
+        loss = lm_kd_loss(student, teacher, mask=mask, divergence=self.divergence, beta=self.beta,
                           temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size)
+        return loss if self.temperature_squared else loss / self.temperature**2
 
 
 @kdhooks.hookimpl

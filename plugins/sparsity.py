@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import kdhooks
 
-from ._layers import PairedLayers, check_pairs, pair_taps, shape, tensor_of
+from ._layers import WeightedLayers, check_pairs, pair_taps, shape, tensor_of
 
 
 def ab_loss(student_pre: torch.Tensor, teacher_pre: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -31,7 +31,7 @@ def disagreement_rate(student_pre: torch.Tensor, teacher_pre: torch.Tensor) -> t
     return ((student_pre > 0) != (teacher_pre > 0)).float().mean()
 
 
-class AB(PairedLayers):
+class AB(WeightedLayers):
     """Activation boundaries (Heo et al. 2019): Σ_layers ‖ρ(T) ⊙ σ(μ1 − r(S)) + (1 − ρ(T)) ⊙ σ(μ1 + r(S))‖²₂.
 
     ``student`` and ``teacher`` name the activation modules (one path or equal
@@ -39,10 +39,15 @@ class AB(PairedLayers):
     output`` they name the modules whose output is the pre-activation (the
     BatchNorm before a functional ReLU); an in-place ReLU overwrites its input,
     so tap it with ``clone: true``. The connector r (1x1 conv + BN, as in
-    the paper) maps the student's to the teacher's shape. The paper uses AB to
-    initialize the student: weight on and task weight 0 for the first epochs,
-    then the reverse (see docs/methods.md). The disagreement rate of the on/off
-    patterns is logged as ``<name>.disagreement``.
+    the paper) maps the student's to the teacher's shape. Each layer's loss is
+    summed over neurons and averaged over samples; ``layer_weights`` (default
+    ``equal``) weighs the layers: ``halving`` is the authors' code's and
+    RepDistiller's ¼, ½, 1 from shallow to deep, and their loss is this one
+    × 3/1000, so ``weight: 0.003, layer_weights: halving`` reproduces it
+    (docs/conventions.md). The paper uses AB to initialize the student: weight
+    on and task weight 0 for the first epochs, then the reverse (see
+    docs/methods.md). The disagreement rate of the on/off patterns is logged as
+    ``<name>.disagreement``.
     """
 
     margin: kdhooks.NonNegative = 1.0
@@ -72,7 +77,7 @@ class AB(PairedLayers):
         for i, connector in enumerate(self.connectors):
             student = connector(tensor_of(pre_activations[f"student_{i}"]))
             teacher = tensor_of(pre_activations[f"teacher_{i}"])
-            total = total + ab_loss(student, teacher, self.margin)
+            total = total + self.pair_weights[i] * ab_loss(student, teacher, self.margin)
             disagreement = disagreement + disagreement_rate(student.detach(), teacher)
         ctx.log(f"{self.name}.disagreement", disagreement / len(self.connectors))
         return total
