@@ -1,5 +1,7 @@
 """Self and online distillation: the teacher is trained with, or is part of, the student.
 
+Each formula as implemented, and what is kdhooks' reading of the paper: docs/conventions.md.
+
 Deep mutual learning (peers as the Distiller's trainable models), ONE (the
 student's head branched by hooks, a gated ensemble of the branches teaching
 each), Be Your Own Teacher (auxiliary classifiers on shallow stages taught by

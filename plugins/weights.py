@@ -1,4 +1,7 @@
-"""Matching intermediate weights: a student parameter against a teacher parameter."""
+"""Matching intermediate weights: a student parameter against a teacher parameter.
+
+The formula as implemented and its constants: docs/conventions.md.
+"""
 from __future__ import annotations
 
 from typing import Any, ClassVar
