@@ -12,7 +12,7 @@ from ._distiller import Distiller, attached
 from ._errors import ConfigError, LossError, PluginError, did_you_mean
 from ._meter import LossMeter
 from ._options import Finite, NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval
-from ._recorder import model_hook
+from ._recorder import Recorded, model_hook
 from ._registry import Registry
 from ._schedule import Schedule
 from ._shapes import expect_rank, expect_same_classes, expect_same_shape, feature_shape, tensor_of
@@ -34,6 +34,7 @@ __all__ = [
     "PluginError",
     "Positive",
     "PositiveInt",
+    "Recorded",
     "Registry",
     "Schedule",
     "Tap",

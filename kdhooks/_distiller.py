@@ -22,9 +22,9 @@ from ._config import DistillConfig, build_terms, load_config, parse_number
 from ._context import LossContext, default_teacher_loss
 from ._dry_run import dry_run, in_place_problem
 from ._errors import ConfigError, LossError, did_you_mean
-from ._manager import plugin_manager
+from ._manager import check_pending, plugin_manager
 from ._precision import cast_floats, floating_dtype, inputs_in_parameter_dtype
-from ._recorder import CaptureError, Recorder, model_hook
+from ._recorder import CaptureError, Recorded, Recorder, model_hook
 from ._schedule import value_at
 from ._taps import Tap, resolve_module, resolve_parameter, use_eager_attention
 from ._term import Term, check_options
@@ -107,6 +107,7 @@ class Distiller(nn.Module):
                 self.add_model(role, module, call=teacher_call)
             for term in self.terms:
                 self._pm.register(term, name=f"term:{term.name}")
+            check_pending(self._pm)  # a term's own marked hook (a cache's kdhooks_teacher_forward) must exist
             self._pm.hook.kdhooks_configure(distiller=self)
             self._install()
             shapes = dry_run(self, example_inputs) if example_inputs is not None else {}
@@ -420,6 +421,10 @@ class Distiller(nn.Module):
                     # a teacher kept in lower precision than the student's inputs gets them in its dtype
                     args, kwargs = cast_floats((args, kwargs), floating_dtype(model.module))
                     output = self._pm.hook.kdhooks_teacher_forward(distiller=self, role=role, args=args, kwargs=kwargs)
+                    if isinstance(output, Recorded):
+                        for tap, value in output.captures.items():
+                            self._recorder.store(tap, value, detach=True, role=role)
+                        return None
                     if output is not None:
                         # the model did not run: its output taps read what the plugin gave, nothing inside it records
                         record = self._recorder.root_outputs.get(role)

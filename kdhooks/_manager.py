@@ -128,6 +128,11 @@ def _check_hooks(pm: pluggy.PluginManager) -> None:
             if not hasattr(getattr(plugin, attribute), "kdhooks_impl"):
                 raise ConfigError(where, f"{attribute} is not marked @kdhooks.hookimpl, so pluggy ignores it",
                                   value=attribute, fix=f"put @kdhooks.hookimpl above def {attribute}")
+    check_pending(pm)
+
+
+def check_pending(pm: pluggy.PluginManager) -> None:
+    """pluggy's check that every marked implementation has a hook, as a ConfigError naming the plugin."""
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as error:

@@ -14,6 +14,7 @@ import logging
 import warnings
 import weakref
 from collections import defaultdict
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,6 +62,16 @@ def _versions(value: Any) -> Any:
 def _version(tensor: torch.Tensor) -> int | None:
     # tensors made under torch.inference_mode have no version counter (and cannot be changed in place outside it)
     return None if tensor.is_inference() else tensor._version
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A teacher's captures by tap, given by a ``kdhooks_teacher_forward`` plugin (a cache) instead of its output.
+
+    The Distiller records each as if the teacher had run and recorded it.
+    """
+
+    captures: Mapping[Tap, Any]
 
 
 class Calls(list):

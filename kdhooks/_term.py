@@ -57,14 +57,20 @@ class Term(Options):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        hooks = sorted(name for name in vars(cls) if name.startswith("kdhooks_"))
-        if hooks:
+        # the hooks the core implements for every term; a term may add the others (marked), e.g. a teacher cache
+        hooks = sorted(name for name in vars(cls) if name in ("kdhooks_configure", "kdhooks_build", "kdhooks_losses")
+                       or (name.startswith("kdhooks_") and not hasattr(vars(cls)[name], "kdhooks_impl")))
+        core = [h for h in hooks if h in ("kdhooks_configure", "kdhooks_build", "kdhooks_losses")]
+        if core:
             lifecycle = {"kdhooks_configure": "configure(self, distiller)", "kdhooks_build": "build(self, distiller, "
                          "shapes)", "kdhooks_losses": "loss(self, ctx, **captures)"}
-            fixes = " / ".join(lifecycle.get(h, f"a module-level @kdhooks.hookimpl {h} in the plugin") for h in hooks)
-            raise TypeError(f"term class {cls.__module__}.{cls.__qualname__} defines {', '.join(hooks)}: a term's "
-                            f"pluggy hooks are the core's, and overriding one drops what the core does there "
-                            f"(declaring its taps, checking shapes, weighting the loss)\n  fix: define {fixes}")
+            raise TypeError(f"term class {cls.__module__}.{cls.__qualname__} defines {', '.join(core)}: these hooks "
+                            f"are the core's for every term, and overriding one drops what the core does there "
+                            f"(declaring its taps, checking shapes, weighting the loss)\n  fix: define "
+                            + " / ".join(lifecycle[h] for h in core))
+        if hooks:
+            raise TypeError(f"term class {cls.__module__}.{cls.__qualname__} defines {', '.join(hooks)} without "
+                            f"@kdhooks.hookimpl, so pluggy would ignore it\n  fix: put @kdhooks.hookimpl above it")
 
     def configure(self, distiller: Distiller) -> None:
         """Prepare with the attached models, before ``taps()`` is read (add peers, resolve layer stacks)."""

@@ -58,7 +58,9 @@ def kdhooks_teacher_forward(distiller: Distiller, role: str, args: tuple, kwargs
     read the returned value, and taps inside the teacher record nothing (a term
     reading one fails at the step, naming the tap). When every plugin returns
     ``None`` the Distiller calls the teacher itself, in eval mode under no_grad.
-    For caches of teacher outputs, routing among teachers, or remote teachers.
+    A plugin may instead return ``kdhooks.Recorded({tap: value})``, the teacher's
+    captures for its taps (a cache of them): they are recorded as if the teacher
+    had run. For caches of teacher outputs, routing among teachers, or remote teachers.
     """
 
 

@@ -1,0 +1,169 @@
+"""teacher_cache: cached and uncached training agree, a changed input is a miss, a damaged shard is an error."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdhooks
+from kdhooks.demo import student_cnn, teacher_cnn
+from kdhooks.plugins.cache import sample_keys
+
+TERMS = [{"kind": "kd", "temperature": 4.0}, {"kind": "fitnets", "student": "stage2", "teacher": "stage2"},
+         {"kind": "at", "student": ["stage1", "stage2"], "teacher": ["stage1", "stage2"]}]
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(0)
+    return torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+
+
+def train(data, cache=None, epochs=2, batches=None, augment=None, dtype="fp32", shard_size=16):
+    """Losses of a few epochs of KD + FitNets + AT, and how often the teacher ran (dry pass included)."""
+    x, y = data
+    torch.manual_seed(1)
+    student, teacher = student_cnn(), teacher_cnn()
+    runs = []
+    teacher.register_forward_hook(lambda module, args, output: runs.append(True))
+    terms = TERMS + ([{"kind": "teacher_cache", "path": str(cache), "dtype": dtype, "shard_size": shard_size}]
+                     if cache else [])
+    losses = []
+    with kdhooks.Distiller(student, teacher, {"terms": terms}, example_inputs=x[:2]) as kd:
+        optimizer = torch.optim.SGD([*student.parameters(), *kd.parameters()], lr=0.05)
+        for epoch in range(epochs):
+            for start in list(range(0, len(x), 8))[:batches]:
+                inputs = x[start:start + 8] if augment is None else augment(x[start:start + 8])
+                student.train()
+                loss = kd(F.cross_entropy(student(inputs), y[start:start + 8]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        metrics = dict(kd.last_metrics)
+    return losses, len(runs), metrics
+
+
+def test_cached_training_equals_uncached_and_skips_the_teacher_after_epoch_one(tmp_path, data):
+    plain, plain_runs, _ = train(data)
+    cached, cached_runs, metrics = train(data, tmp_path / "cache")
+    assert cached == plain                      # fp32: the same numbers, bit for bit
+    assert plain_runs == 1 + 8 and cached_runs == 1 + 4   # dry pass + epoch 1 only
+    assert metrics["teacher_cache.hit_rate"] == pytest.approx(0.5)
+    again, again_runs, metrics = train(data, tmp_path / "cache")
+    assert again == plain and again_runs == 1 and metrics["teacher_cache.hit_rate"] == 1.0
+    shards = sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert shards == ["rank0-00000.safetensors", "rank0-00001.safetensors"]   # 32 samples, 16 a shard
+
+
+def test_bf16_storage_is_within_a_stated_tolerance(tmp_path, data):
+    plain, _, _ = train(data, epochs=1)
+    train(data, tmp_path / "cache", epochs=1, dtype="bf16")
+    served, runs, metrics = train(data, tmp_path / "cache", epochs=1, dtype="bf16")
+    assert runs == 1 and metrics["teacher_cache.hit_rate"] == 1.0
+    for exact, approximate in zip(plain, served):
+        assert approximate == pytest.approx(exact, rel=2e-2)   # bf16 keeps 8 bits of mantissa
+
+
+def test_an_augmented_input_is_a_miss_and_the_teacher_runs(tmp_path, data):
+    noise = torch.Generator().manual_seed(5)
+    augment = lambda x: x + 0.01 * torch.randn(x.shape, generator=noise)  # noqa: E731
+    plain, plain_runs, _ = train(data, augment=augment)
+    noise.manual_seed(5)
+    cached, runs, metrics = train(data, tmp_path / "cache", augment=augment)
+    assert cached == plain and runs == plain_runs and metrics["teacher_cache.hit_rate"] == 0.0
+
+
+def test_sample_keys_tell_inputs_apart_and_ignore_the_batch_they_come_in():
+    x = torch.randn(4, 3)
+    assert sample_keys((x,), {})[1:3] == sample_keys((x[1:3],), {})
+    assert len(set(sample_keys((x,), {}))) == 4
+    changed = x.clone()
+    changed[2, 1] += 1e-6
+    assert sample_keys((changed,), {})[2] != sample_keys((x,), {})[2]
+    assert sample_keys((x,), {"flag": True}) != sample_keys((x,), {"flag": False})
+    assert sample_keys((x.to(torch.bfloat16),), {})[0] != sample_keys((x,), {})[0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_shard_is_an_error_naming_it(tmp_path, data, damage):
+    train(data, tmp_path / "cache", epochs=1)
+    shard = tmp_path / "cache" / "rank0-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    if damage == "flip":
+        raw[-5] ^= 0xFF
+    else:
+        raw = raw[: len(raw) // 2]
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(kdhooks.LossError, match="rank0-00001.safetensors is missing, truncated or corrupted"):
+        train(data, tmp_path / "cache", epochs=1)
+
+
+def test_resume_with_a_partly_filled_cache(tmp_path, data):
+    plain, _, _ = train(data)
+    train(data, tmp_path / "cache", epochs=1, batches=3, shard_size=8)   # 24 of 32 samples stored
+    cached, runs, _ = train(data, tmp_path / "cache")
+    assert cached == plain and runs == 1 + 1   # only the fourth batch of epoch 1 needs the teacher
+
+
+def test_a_cache_filled_for_other_taps_is_refused(tmp_path, data):
+    train(data, tmp_path / "cache", epochs=1)
+    x, _ = data
+    config = {"terms": [{"kind": "kd"}, {"kind": "teacher_cache", "path": str(tmp_path / "cache")}]}
+    torch.manual_seed(1)
+    student, teacher = student_cnn(), teacher_cnn()   # the teacher that filled it
+    with pytest.raises(kdhooks.ConfigError, match="was filled for taps") as error:
+        with kdhooks.Distiller(student, teacher, config, example_inputs=x[:2]) as kd:
+            student.train()
+            kd(student(x[:8]).sum())
+    assert "new path" in error.value.fix
+    assert json.loads((tmp_path / "cache" / "spec.json").read_text())["dtype"] == "fp32"
+
+
+def test_gradient_taps_cannot_be_cached(tmp_path, data):
+    x, y = data
+    student = student_cnn()
+    config = {"terms": [{"kind": "grad_at"}, {"kind": "teacher_cache", "path": str(tmp_path)}]}
+    with pytest.raises(kdhooks.ConfigError, match="gradient taps"):
+        with kdhooks.Distiller(student, teacher_cnn(), config, example_inputs=x[:2]) as kd:
+            student.train()
+            kd(F.cross_entropy(student(x[:8]), y[:8]), labels=y[:8])
+
+
+def test_kdhooks_cache_build_fills_it_ahead_of_training(tmp_path, data, monkeypatch, capsys):
+    from kdhooks.cli import main
+
+    x, y = data
+    (tmp_path / "cache_batches.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        f"    torch.manual_seed(0)\n"
+        f"    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))\n"
+        "    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "kd.yaml"
+    terms = [*TERMS, {"kind": "teacher_cache", "path": str(tmp_path / "cache"), "shard_size": 16}]
+    config.write_text(json.dumps({"terms": terms}))
+    (tmp_path / "cache_teacher.py").write_text(
+        "import torch\nfrom kdhooks.demo import student_cnn, teacher_cnn\n"
+        "def teacher():\n    torch.manual_seed(1)\n    student_cnn()\n    return teacher_cnn()  # train()'s teacher\n")
+    assert main(["cache", "build", str(config), "--student", "kdhooks.demo:student_cnn",
+                 "--teacher", "cache_teacher:teacher", "--data", "cache_batches:batches"]) == 0
+    printed = capsys.readouterr().out
+    assert "MiB for 32 samples" in printed and "teacher_cache.samples 32" in printed
+    plain, _, _ = train(data)
+    cached, runs, metrics = train(data, tmp_path / "cache")
+    assert cached == plain and runs == 1 and metrics["teacher_cache.hit_rate"] == 1.0
+
+
+def test_a_cache_filled_by_another_teacher_is_refused(tmp_path, data):
+    train(data, tmp_path / "cache", epochs=1)
+    x, _ = data
+    torch.manual_seed(7)
+    student, other_teacher = student_cnn(), teacher_cnn()
+    config = {"terms": [*TERMS, {"kind": "teacher_cache", "path": str(tmp_path / "cache")}]}
+    with pytest.raises(kdhooks.ConfigError, match="filled by a teacher with other weights"):
+        with kdhooks.Distiller(student, other_teacher, config, example_inputs=x[:2]) as kd:
+            student.train()
+            kd(student(x[:8]).sum())
+
