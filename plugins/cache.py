@@ -97,10 +97,10 @@ def _flat(value: Any, prefix: str) -> dict[str, torch.Tensor]:
     return {name: t for i, v in enumerate(value) for name, t in _flat(v, f"{prefix}.{i}").items()}
 
 
-def _unflat(tensors: dict[str, torch.Tensor], prefix: str, layout: Any) -> Any:
+def _read_layout(handle: Any, prefix: str, layout: Any) -> Any:
     if layout == "t":
-        return tensors[prefix]
-    return [_unflat(tensors, f"{prefix}.{i}", sub) for i, sub in enumerate(layout)]
+        return handle.get_tensor(prefix)
+    return [_read_layout(handle, f"{prefix}.{i}", sub) for i, sub in enumerate(layout)]
 
 
 def _layout(value: Any) -> Any:
@@ -143,8 +143,9 @@ class TeacherCache(kdhooks.Term):
 
     ``path`` is the cache's folder; ``dtype`` the precision captures are stored
     in (``fp32`` keeps losses identical; ``bf16``/``fp16`` halve the bytes);
-    ``shard_size`` the samples per shard file. Adds no loss; logs
-    ``hit_rate``, ``samples`` and ``bytes_per_sample`` as metrics.
+    ``shard_size`` the samples per shard file. Adds no loss; logs the step's
+    ``hit_rate``, the cache's ``samples`` and the shards' ``bytes_per_sample``
+    as metrics.
     """
 
     path: str
@@ -159,6 +160,7 @@ class TeacherCache(kdhooks.Term):
         self._entries: dict[str, tuple[str, str]] = {}      # key -> (shard, layout json)
         self._shards: dict[str, str] = {}                   # shard -> digest
         self._open: dict[str, Any] = {}
+        self._layouts: dict[str, dict[str, Any]] = {}       # key -> {tap id: layout}, parsed when first read
         self._pending: dict[str, dict[str, Any]] = {}       # key -> {tap id: per-sample value}
         self._keys: list[str] = []                          # this step's keys, forward after forward
         self._served: list[bool] = []
@@ -185,7 +187,9 @@ class TeacherCache(kdhooks.Term):
                 self.flush()
         self._keys, self._served = [], []
         if self._lookups:
+            # this step's: the integrations average it over their logging interval
             ctx.log(f"{self.name}.hit_rate", self._hits / self._lookups)
+        self._hits = self._lookups = 0
         ctx.log(f"{self.name}.samples", float(len(self._entries) + len(self._pending)))
         if self._stored_samples:
             ctx.log(f"{self.name}.bytes_per_sample", self._stored_bytes / self._stored_samples)
@@ -252,10 +256,10 @@ class TeacherCache(kdhooks.Term):
             return self._pending[key][tap_id]
         shard, layouts = self._entries[key]
         handle = self._shard(shard)
-        names = set(handle.keys())
-        layout = json.loads(layouts)[tap_id]
+        if key not in self._layouts:
+            self._layouts[key] = json.loads(layouts)
         prefix = f"{key}|{tap_id}"
-        return _unflat({n: handle.get_tensor(n) for n in names if n.startswith(prefix)}, prefix, layout)
+        return _read_layout(handle, prefix, self._layouts[key][tap_id])
 
     def _shard(self, name: str) -> Any:
         if name not in self._open:
