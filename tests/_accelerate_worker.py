@@ -7,13 +7,17 @@ the test compares that with a single-process loop it runs itself.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.tracking import GeneralTracker
 from torch import nn
 
@@ -190,10 +194,37 @@ def bad_input(out: dict) -> None:
     kd.close()
 
 
+class LogRecords(logging.Handler):
+    """What ``prepare`` logs (kdhooks.integrations.accelerate), as 'LEVEL: message' lines."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname}: {record.getMessage()}")
+
+
+def rehearsal(out: dict) -> None:
+    """A CPU rehearsal of an FSDP run: Accelerator(cpu=True, fsdp_plugin=...) is DDP; prepare says so."""
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+    student, teacher, kd, optimizer = build(KD_ONLY)
+    try:
+        prepare(accelerator, student, optimizer, kd)
+        out["distributed_type"] = str(accelerator.distributed_type)
+    finally:
+        os.environ.pop("ACCELERATE_USE_FSDP", None)  # the plugin set it for this process
+        kd.close()
+
+
 def main(out_dir: str, mode: str) -> None:
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
     results: dict = {"world_size": state.num_processes, "rank": state.process_index}
+    records = LogRecords()
+    logging.getLogger("kdhooks.integrations.accelerate").addHandler(records)
+    logging.getLogger("kdhooks.integrations.accelerate").setLevel(logging.INFO)
     if mode == "fp32":
         for name, accumulation in (("data_parallel", 1), ("accumulation", 2)):
             data_parallel(accumulation, results.setdefault(name, {}))
@@ -201,6 +232,9 @@ def main(out_dir: str, mode: str) -> None:
             resume(config, Path(out_dir) / name, results.setdefault(name, {}))
         mixed_precision("bf16", results.setdefault("fp32_teacher_bf16", {}))
         bad_input(results.setdefault("errors", {}))
+        results["log"] = list(records.lines)  # one line per prepare above, on the main process only
+        rehearsal(results.setdefault("rehearsal", {}))
+        results["rehearsal"]["log"] = records.lines[len(results["log"]):]
     else:
         for name, teacher_dtype in (("bf16_teacher_fp32", None), ("bf16_teacher_bf16", "bf16")):
             mixed_precision(teacher_dtype, results.setdefault(name, {}))

@@ -63,20 +63,40 @@ def bf16(tmp_path_factory) -> list[dict]:
     return run_worker("bf16", "bf16", tmp_path_factory.mktemp("accelerate_bf16"))
 
 
-def one_process_reference() -> tuple[dict[str, list], dict[str, list]]:
-    """The hand-written loop in this process: 10 SGD steps on batches of 2B = 32 (the initial and final parameters)."""
-    student, teacher, kd, optimizer = build()
+def single_process_run(config: dict = KD_FITNETS) -> dict:
+    """The hand-written loop in this process: 10 SGD steps on batches of 2B = 32.
+
+    The initial and final parameters and each step's losses (``kd.last_losses``).
+    """
+    student, teacher, kd, optimizer = build(config)
     initial = trained_parameters(student, kd)
     images, labels = digits_tensors(0)[:2]
     student.train()
+    losses = []
     for step in range(STEPS):
         x, y = images[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH], labels[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]
         loss = kd(F.cross_entropy(student(x), y), labels=y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        losses.append(kd.last_losses)
     kd.close()
-    return initial, trained_parameters(student, kd)
+    return {"initial": initial, "parameters": trained_parameters(student, kd), "losses": losses}
+
+
+def one_process_reference() -> tuple[dict[str, list], dict[str, list]]:
+    """The hand-written loop in this process: 10 SGD steps on batches of 2B = 32 (the initial and final parameters)."""
+    run = single_process_run()
+    return run["initial"], run["parameters"]
+
+
+def assert_losses_match(rank0: list[dict], rank1: list[dict], expected: list[dict], tolerance: float = 1e-5) -> None:
+    """Each step's losses of 2 ranks on half batches, averaged, are the single process's on the whole batch."""
+    assert len(rank0) == len(rank1) == len(expected)
+    for step, losses in enumerate(expected):
+        assert rank0[step].keys() == losses.keys()
+        for name, value in losses.items():
+            assert abs((rank0[step][name] + rank1[step][name]) / 2 - value) < tolerance, (step, name)
 
 
 def max_difference(a: dict[str, list], b: dict[str, list]) -> float:
@@ -200,6 +220,26 @@ def test_teacher_in_bf16_under_fp32_accelerate_training(fp32):
         assert result["mixed_precision"] == "no" and result["finite"] and len(result["losses"]) == STEPS
         assert result["teacher_parameters"] == ["torch.bfloat16"] and result["teacher_feature"] == ["torch.bfloat16"]
         assert result["connector_input"] == ["torch.float32"]
+
+
+@pytest.mark.slow
+def test_prepare_logs_the_engine_it_got_once_on_the_main_process(fp32):
+    rank0, rank1 = fp32
+    # data_parallel, accumulation, resume x2 (2 prepares each), fp32_teacher_bf16; bad_input's calls raise first
+    assert len(rank0["log"]) == 7 and rank1["log"] == []
+    assert all(line.startswith("INFO: kdhooks prepare: MULTI_CPU, world size 2, device cpu") for line in rank0["log"])
+    assert "mixed precision no; Distiller: DistributedDataParallel; teacher: replicated on every rank" in rank0["log"][0]
+    assert rank0["log"][0].endswith("torch.float32") and rank0["log"][-1].endswith("torch.bfloat16")
+
+
+@pytest.mark.slow
+def test_a_cpu_rehearsal_of_fsdp_warns_that_it_runs_data_parallel(fp32):
+    rank0, rank1 = fp32
+    assert rank0["rehearsal"]["distributed_type"] == "DistributedType.MULTI_CPU"
+    [line] = rank0["rehearsal"]["log"]
+    assert line.startswith("WARNING: kdhooks prepare: MULTI_CPU, world size 2")
+    assert "(FSDP was requested, but accelerate runs MULTI_CPU" in line
+    assert rank1["rehearsal"]["log"] == []
 
 
 @pytest.mark.slow

@@ -5,6 +5,9 @@ Two processes on CPU:       accelerate launch --multi_gpu --num_processes 2 --nu
                                 --mixed_precision no --dynamo_backend no examples/accelerate/train.py
                             (or: torchrun --nproc_per_node 2 examples/accelerate/train.py)
 GPUs, several machines:     accelerate config; accelerate launch examples/accelerate/train.py
+Two machines, no shared disk: the teacher's weights go from the main process to all (only it reads
+                            --teacher); checkpoints are saved on each machine when the script finds that
+                            the machines do not see one disk (--resume checks every machine has one).
 
 `accelerate launch --cpu --num_processes 2` starts ONE process, and `--multi_gpu`
 on a machine without GPUs gives a world of one unless the Accelerator is built
@@ -13,11 +16,14 @@ with cpu=True: the script prints the world size it really got.
 from __future__ import annotations
 
 import argparse
+import os
+import uuid
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -46,15 +52,51 @@ def arguments() -> argparse.Namespace:
 
 def load_teacher(accelerator: Accelerator, path: Path, epochs: int, images: torch.Tensor,
                  labels: torch.Tensor) -> nn.Module:
-    """The teacher from its checkpoint; the main process trains and saves it first if there is none."""
-    if accelerator.is_main_process and not path.exists():
-        torch.manual_seed(0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(train(teacher_cnn(), images, labels, epochs=epochs).state_dict(), path)
-    accelerator.wait_for_everyone()
+    """The teacher from its checkpoint; the main process trains and saves it first if there is none.
+
+    Only the main process reads the file: the other processes, on this machine or others (which may not
+    see its disk), get the weights from it over the process group. (A large teacher is rather loaded on
+    every machine from storage they all reach, e.g. a model hub.)
+    """
+    weights = None
+    if accelerator.is_main_process:
+        if not path.exists():
+            torch.manual_seed(0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(train(teacher_cnn(), images, labels, epochs=epochs).state_dict(), path)
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    [weights] = broadcast_object_list([weights], from_process=0)
     teacher = teacher_cnn()
-    teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    teacher.load_state_dict(weights)
     return teacher
+
+
+def shared_filesystem(accelerator: Accelerator, directory: Path) -> bool:
+    """Whether every process sees a file the main process writes in ``directory`` (one disk for all machines)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    [token] = broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None], from_process=0)
+    marker = directory / f".shared-check-{token}"
+    if accelerator.is_main_process:
+        marker.write_text(token)
+    accelerator.wait_for_everyone()
+    sees = torch.tensor([marker.exists()], device=accelerator.device)
+    shared = bool(accelerator.gather(sees).all())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink()
+    return shared
+
+
+def check_checkpoint(accelerator: Accelerator, directory: Path) -> None:
+    """Before ``load_state``: a clear error when some machine lacks the checkpoint (not a FileNotFoundError deep in it)."""
+    here = (directory / "optimizer.bin").exists() and (directory / f"random_states_{accelerator.process_index}.pkl").exists()
+    found = accelerator.gather(torch.tensor([here], device=accelerator.device))
+    missing = [rank for rank, ok in enumerate(found.tolist()) if not ok]
+    if missing:
+        raise FileNotFoundError(
+            f"--resume: processes {missing} do not see a complete checkpoint in {directory} (optimizer.bin, "
+            "random_states_<rank>.pkl). Without a shared filesystem each machine needs its own copy: the run that "
+            "saved it must have seen the same machines (this script then saves on each machine).")
 
 
 def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> float:
@@ -81,6 +123,13 @@ def main() -> None:
     accelerator.print(f"world size: {accelerator.num_processes} "
                       f"({accelerator.distributed_type.value}, mixed precision: {accelerator.mixed_precision})")
     accelerator.init_trackers("kdhooks-digits", config=vars(args))
+    checkpoints = Path(args.checkpoint_dir)
+    # save_state writes the weights from the main process only: without one disk for all machines, every
+    # machine's local main process writes them to its own disk (each process writes its own RNG state anyway)
+    shared = shared_filesystem(accelerator, checkpoints)
+    accelerator.project_configuration.save_on_each_node = not shared
+    machines = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    accelerator.print(f"machines: {machines}, checkpoints: {'one disk for all' if shared else 'saved on each machine'}")
 
     x_train, y_train, x_test, y_test = digits_tensors(seed=0)
     teacher = load_teacher(accelerator, Path(args.teacher), args.teacher_epochs, x_train, y_train)
@@ -99,6 +148,7 @@ def main() -> None:
         accelerator, student, optimizer, train_loader, test_loader, kd, teacher_dtype=args.teacher_dtype)
     distiller = accelerator.unwrap_model(kd)
     if args.resume:
+        check_checkpoint(accelerator, checkpoints)
         accelerator.load_state(args.checkpoint_dir)  # student, connectors, optimizer, the Distiller's step
     accelerator.print(f"teacher accuracy: {evaluate(accelerator, teacher, test_loader):.3f}")
 
