@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -91,7 +91,38 @@ def _batched(samples: list[Any]) -> Any:
     return [_batched([s[level] for s in samples]) for level in range(len(samples[0]))]
 
 
+class TopK(NamedTuple):
+    """One sample's next-token distributions kept as their k most likely tokens and the mass of the rest.
+
+    ``log_probs`` and ``indices`` (..., k) are the top k log-probabilities at
+    temperature 1; ``tail`` (...,) the log of the remaining mass, spread evenly
+    over the other ``vocab - k`` tokens when the distribution is rebuilt, so it
+    stays a distribution over the whole vocabulary and every divergence is defined.
+    """
+
+    log_probs: torch.Tensor
+    indices: torch.Tensor
+    tail: torch.Tensor
+    vocab: int
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, k: int) -> TopK:
+        log_probs = torch.log_softmax(logits.detach().float(), dim=-1)
+        values, indices = log_probs.topk(min(k, logits.shape[-1]), dim=-1)
+        rest = (1 - values.exp().sum(-1)).clamp(min=1e-12)   # never log(0): the rebuilt tokens keep some mass
+        return cls(values, indices.to(torch.int32), rest.log(), logits.shape[-1])
+
+    def dense(self) -> torch.Tensor:
+        """Log-probabilities over the vocabulary (used as the teacher's logits: softmax gives them back at T = 1)."""
+        others = max(self.vocab - self.log_probs.shape[-1], 1)
+        fill = (self.tail.float() - torch.log(torch.tensor(float(others)))).unsqueeze(-1)
+        dense = fill.expand(*self.tail.shape, self.vocab).clone()
+        return dense.scatter_(-1, self.indices.long(), self.log_probs.float())
+
+
 def _flat(value: Any, prefix: str) -> dict[str, torch.Tensor]:
+    if isinstance(value, TopK):
+        return {f"{prefix}.v": value.log_probs, f"{prefix}.i": value.indices, f"{prefix}.t": value.tail}
     if isinstance(value, torch.Tensor):
         return {prefix: value}
     return {name: t for i, v in enumerate(value) for name, t in _flat(v, f"{prefix}.{i}").items()}
@@ -100,11 +131,22 @@ def _flat(value: Any, prefix: str) -> dict[str, torch.Tensor]:
 def _read_layout(handle: Any, prefix: str, layout: Any) -> Any:
     if layout == "t":
         return handle.get_tensor(prefix)
+    if isinstance(layout, dict):
+        return TopK(handle.get_tensor(f"{prefix}.v"), handle.get_tensor(f"{prefix}.i"),
+                    handle.get_tensor(f"{prefix}.t"), layout["topk"])
     return [_read_layout(handle, f"{prefix}.{i}", sub) for i, sub in enumerate(layout)]
 
 
 def _layout(value: Any) -> Any:
+    if isinstance(value, TopK):
+        return {"topk": value.vocab}
     return "t" if isinstance(value, torch.Tensor) else [_layout(v) for v in value]
+
+
+def _dense(value: Any) -> Any:
+    if isinstance(value, TopK):
+        return value.dense()
+    return value if isinstance(value, torch.Tensor) else [_dense(v) for v in value]
 
 
 def teacher_fingerprint(teacher: torch.nn.Module) -> str:
@@ -143,7 +185,11 @@ class TeacherCache(kdhooks.Term):
 
     ``path`` is the cache's folder; ``dtype`` the precision captures are stored
     in (``fp32`` keeps losses identical; ``bf16``/``fp16`` halve the bytes);
-    ``shard_size`` the samples per shard file. Adds no loss; logs the step's
+    ``shard_size`` the samples per shard file; ``top_k`` keeps only the k most
+    likely tokens of the teacher's logits (taps on ``logits``) and the mass of
+    the rest, spread evenly over the other tokens when read back: exact for the
+    top k at T = 1, an approximation for the tail and at other temperatures
+    (docs/benchmarks.md measures the loss's error). Adds no loss; logs the step's
     ``hit_rate``, the cache's ``samples`` and the shards' ``bytes_per_sample``
     as metrics.
     """
@@ -151,6 +197,7 @@ class TeacherCache(kdhooks.Term):
     path: str
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     shard_size: kdhooks.PositiveInt = 1024
+    top_k: kdhooks.PositiveInt | None = None
 
     def configure(self, distiller: kdhooks.Distiller) -> None:
         self._distiller = distiller
@@ -182,7 +229,9 @@ class TeacherCache(kdhooks.Term):
             per_sample = {tap_id: _per_sample(value, batch, self.location) for tap_id, value in captures.items()}
             for i, key in enumerate(self._keys):
                 if key not in self._entries and key not in self._pending:
-                    self._pending[key] = {tap_id: values[i] for tap_id, values in per_sample.items()}
+                    self._pending[key] = {tap_id: TopK.of(values[i], self.top_k)
+                                          if self.top_k and taps[tap_id].wants_logits else values[i]
+                                          for tap_id, values in per_sample.items()}
             if len(self._pending) >= self.shard_size:
                 self.flush()
         self._keys, self._served = [], []
@@ -232,7 +281,7 @@ class TeacherCache(kdhooks.Term):
             raise kdhooks.ConfigError(self.location, f"the teacher's gradient taps {grad} depend on each step's "
                                       f"loss and cannot be cached", fix="leave teacher_cache out with grad_at")
         spec_path = self._root / _SPEC
-        spec = {"taps": sorted(taps), "dtype": self.dtype,
+        spec = {"taps": sorted(taps), "dtype": self.dtype, "top_k": self.top_k,
                 "teacher": teacher_fingerprint(self._distiller.model(self.teacher_role))}
         if spec_path.exists() and self._entries:
             found = json.loads(spec_path.read_text())
@@ -242,14 +291,15 @@ class TeacherCache(kdhooks.Term):
                                           fix="use a new path for this teacher (or delete the cache)")
             if found != spec:
                 raise kdhooks.ConfigError(f"{self.location}.path", f"the cache at {self.path} was filled for taps "
-                                          f"{found['taps']} in {found['dtype']}, this config reads {spec['taps']} in "
-                                          f"{spec['dtype']}", value=self.path, fix="use a new path for this config")
+                                          f"{found['taps']} in {found['dtype']} (top_k {found.get('top_k')}), this "
+                                          f"config reads {spec['taps']} in {spec['dtype']} (top_k {self.top_k})",
+                                          value=self.path, fix="use a new path for this config")
         else:
             _write_atomically(spec_path, json.dumps(spec))
         self._checked_spec = True
 
     def _read_batch(self, keys: list[str], tap_id: str) -> Any:
-        return _batched([self._read(key, tap_id) for key in keys])
+        return _batched([_dense(self._read(key, tap_id)) for key in keys])
 
     def _read(self, key: str, tap_id: str) -> Any:
         if key in self._pending:

@@ -167,3 +167,54 @@ def test_a_cache_filled_by_another_teacher_is_refused(tmp_path, data):
             student.train()
             kd(student(x[:8]).sum())
 
+
+
+def tiny_llama(hidden: int, seed: int, vocab: int = 512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=64))
+
+
+def lm_losses(cache=None, top_k=None, temperature=1.0, epochs=2):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 512, (8, 16))
+    student, teacher = tiny_llama(16, 1), tiny_llama(32, 2)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)   # a trained LM is peaked; a random one is nearly flat
+    terms = [{"kind": "lm_kd", "temperature": temperature}]
+    if cache:
+        terms.append({"kind": "teacher_cache", "path": str(cache), "top_k": top_k})
+    losses = []
+    with kdhooks.Distiller(student, teacher, {"terms": terms}, example_inputs={"input_ids": tokens[:2]}) as kd:
+        student.train()
+        for _ in range(epochs):
+            for start in (0, 4):
+                student(input_ids=tokens[start:start + 4])
+                losses.append(kd(None).item())
+    return losses
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_k_with_k_equal_to_the_vocabulary_is_exact(tmp_path, temperature):
+    plain = lm_losses(temperature=temperature)
+    cached = lm_losses(tmp_path / "cache", top_k=512, temperature=temperature)
+    assert cached[2:] == pytest.approx(plain[2:], rel=1e-5)   # epoch 2, served from the cache
+
+
+def test_top_k_logits_keep_lm_kd_close_and_store_k_entries_a_token(tmp_path):
+    plain = lm_losses()
+    cached = lm_losses(tmp_path / "cache", top_k=64)
+    assert cached[:2] == plain[:2]                              # epoch 1: the teacher ran
+    relative = [abs(c - p) / p for c, p in zip(cached[2:], plain[2:])]
+    assert max(relative) < 0.02, relative
+    from safetensors import safe_open
+
+    shard = next((tmp_path / "cache").glob("*.safetensors"))
+    with safe_open(str(shard), framework="pt") as handle:
+        names = list(handle.keys())
+        assert all(handle.get_tensor(n).shape[-1] == 64 for n in names if n.endswith(".v") or n.endswith(".i"))
+        assert not any(handle.get_tensor(n).shape[-1] == 512 for n in names)
