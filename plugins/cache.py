@@ -214,11 +214,22 @@ class TeacherCache(kdhooks.Term):
         self._hits = self._lookups = 0
         self._stored_bytes = self._stored_samples = 0
         self._written = sum(1 for _ in self._root.glob(f"rank{self._rank}-*.safetensors"))
+        self._seen: dict[Path, float] = {}                  # other processes' index files, by modification time
+        self._refresh(own=True)
+        distiller.on_close(self.flush)
+
+    def _refresh(self, own: bool = False) -> None:
+        """Read the index files written since last read: other processes' samples (DDP) become hits here too."""
         for index in sorted(self._root.glob("index-rank*.json")):
+            if index.name == f"index-rank{self._rank}.json" and not own:
+                continue
+            stamp = index.stat().st_mtime_ns
+            if self._seen.get(index) == stamp:
+                continue
+            self._seen[index] = stamp
             data = json.loads(index.read_text())
             self._shards.update(data["shards"])
             self._entries.update({k: tuple(v) for k, v in data["entries"].items()})
-        distiller.on_close(self.flush)
 
     def loss(self, ctx: kdhooks.LossContext) -> dict[str, torch.Tensor]:
         taps = self._teacher_taps()
@@ -256,6 +267,9 @@ class TeacherCache(kdhooks.Term):
         self._keys.extend(keys)
         self._lookups += len(keys)
         hits = [key in self._entries or key in self._pending for key in keys]
+        if not all(hits):
+            self._refresh()   # another process may have stored them since (a few file stats)
+            hits = [key in self._entries or key in self._pending for key in keys]
         self._hits += sum(hits)
         self._served.append(all(hits))
         if not all(hits):

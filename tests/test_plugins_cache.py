@@ -137,8 +137,8 @@ def test_kdhooks_cache_build_fills_it_ahead_of_training(tmp_path, data, monkeypa
     (tmp_path / "cache_batches.py").write_text(
         "import torch\n"
         "def batches():\n"
-        f"    torch.manual_seed(0)\n"
-        f"    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))\n"
+        "    torch.manual_seed(0)\n"
+        "    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))\n"
         "    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tmp_path / "kd.yaml"
@@ -218,3 +218,59 @@ def test_top_k_logits_keep_lm_kd_close_and_store_k_entries_a_token(tmp_path):
         names = list(handle.keys())
         assert all(handle.get_tensor(n).shape[-1] == 64 for n in names if n.endswith(".v") or n.endswith(".i"))
         assert not any(handle.get_tensor(n).shape[-1] == 512 for n in names)
+
+
+def test_under_the_hf_trainer_epoch_two_is_served_from_the_cache(tmp_path):
+    pytest.importorskip("transformers")
+    from _hf import sentiment_data, tiny_bert, training_args
+
+    from kdhooks.integrations.hf import DistillationTrainer
+
+    def run(cache):
+        teacher = tiny_bert(2, 32, heads=4, seed=1)
+        runs = []
+        teacher.register_forward_hook(lambda module, args, output: runs.append(True))
+        terms = [{"kind": "kd"}] + ([{"kind": "teacher_cache", "path": str(cache)}] if cache else [])
+        trainer = DistillationTrainer(
+            model=tiny_bert(1, 16, seed=0), teacher=teacher, kd_config={"terms": terms},
+            args=training_args(tmp_path / f"out{bool(cache)}", per_device_train_batch_size=8, num_train_epochs=2,
+                               logging_steps=2, learning_rate=1e-2, seed=0, data_seed=0),
+            train_dataset=sentiment_data(32, seed=5))
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        hit_rates = [entry["distill/teacher_cache.hit_rate"] for entry in trainer.state.log_history
+                     if "distill/teacher_cache.hit_rate" in entry]
+        trainer.distiller.close()
+        return losses, len(runs), hit_rates
+
+    plain, plain_runs, _ = run(None)
+    cached, cached_runs, hit_rates = run(tmp_path / "cache")
+    assert cached == pytest.approx(plain, rel=1e-6)
+    assert plain_runs == 1 + 8 and cached_runs == 1 + 4     # dry pass + 4 batches an epoch
+    assert hit_rates[0] == 0.0 and hit_rates[-1] == 1.0
+
+
+def test_under_ddp_each_rank_reads_the_samples_the_other_stored(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "_cache_ddp_worker.py"
+    results = {}
+    for name, cache in (("plain", "-"), ("cached", str(tmp_path / "cache"))):
+        folder = tmp_path / name
+        folder.mkdir()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), str(worker), str(folder), cache],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[name] = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for plain, cached in zip(results["plain"], results["cached"]):
+        assert cached["world"] == 2
+        assert cached["losses"] == plain["losses"]
+        assert plain["runs"] == 1 + 4 and cached["runs"] == 1 + 2     # epoch 2 served: the other rank's shards
+        assert cached["rates"][2:] == [1.0, 1.0]
