@@ -136,6 +136,14 @@ def detection(options: dict[str, Any], extras=lambda _: {}, models=None) -> Exam
     return Example(models or detectors(), options, images, lambda out, _: out[0][0].pow(2).mean(), extras)
 
 
+def segmentation(options: dict[str, Any]) -> Example:
+    """torchvision's LR-ASPP (student) and DeepLabV3 (teacher) MobileNetV3 at 32x32, masks as labels."""
+    from _segmentation import mobile_pair, seg_batch
+
+    return Example(mobile_pair, options, seg_batch,
+                   lambda out, xy: F.cross_entropy(out["out"], xy[1], ignore_index=255), lambda xy: {"labels": xy[1]})
+
+
 STAGES = ["stage1", "stage2", "stage3"]
 RELUS = ["stage1.2", "stage2.1.2", "stage3.1.2"]
 
@@ -154,6 +162,8 @@ EXAMPLES: dict[str, Example] = {
     "dml": digits({"copies": 1}, models=cnn_alone),
     "one": digits({"split": "stage2", "heads": ["stage3", "fc"]}, models=cnn_alone),
     "byot": digits({"stages": ["stage1", "stage2"], "classifier": "fc"}, models=cnn_alone),
+    # widths > 1 only: at width 1.0 the augmented model is the tiny one and its extra blocks get no gradient
+    "netaug": digits({"widths": [1.6, 2.8]}, models=cnn_alone),
     "hidden_states": hf({"embeddings": True}, bert_pair, bert_batch),
     "attention_maps": hf({}, bert_pair, bert_batch),
     "lm_kd": hf({"chunk_size": 9}, llama_pair, llama_batch),
@@ -161,6 +171,11 @@ EXAMPLES: dict[str, Example] = {
     "det_bounded_reg": detection({"margin": 0.1}, regression_extras),
     "det_feature_imitation": detection({}, imitation_extras),
     "ld": detection({}, positive_extras, detectors(priors=1, values=4 * 5)),
+    "seg_pixel_kd": segmentation({}),
+    "seg_pairwise": segmentation({"student": "backbone:high", "teacher": "backbone:out"}),
+    "cwd": segmentation({"teacher": ":aux"}),
+    # the critic's Wasserstein estimate, positive once it tells the maps apart (3 updates at 1e-3 by step 2)
+    "seg_adversarial": segmentation({"depth": 2, "width": 16, "discriminator_lr": 1e-3, "discriminator_steps": 3}),
 }
 DEFAULT = digits({})
 
