@@ -16,6 +16,7 @@ the task loss. No loss math lives here.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import warnings
@@ -60,10 +61,20 @@ class DistillationMixin:
         for module in teachers.values():
             module.to(device)
         self._not_for_teacher = set(_STUDENT_ONLY) | set(self.label_names)
+        fused = self._fused_lm_head()
         if example_inputs is None:
             example_inputs = self._example_batch()
-        self.distiller = kdhooks.Distiller(self.model, teacher, kd_config, example_inputs=example_inputs,
-                                           teacher_call=self._call_teacher)
+            if fused:
+                # the dry pass runs the student as compute_loss will, so what the fused head skips fails here
+                example_inputs["fused_lm_head"] = True
+        try:
+            self.distiller = kdhooks.Distiller(self.model, teacher, kd_config, example_inputs=example_inputs,
+                                               teacher_call=self._call_teacher)
+        except kdhooks.ConfigError as error:
+            if fused and ("holds no logits" in error.problem
+                          or (error.location.endswith("_head") and "was not called" in error.problem)):
+                raise _fused_head_error(type(self).__name__, error) from None
+            raise
         self._meter = kdhooks.LossMeter()
         self.add_callback(_DistillerCallback(self.distiller))
 
@@ -84,6 +95,21 @@ class DistillationMixin:
         # the Distiller runs the teacher from a pre-hook, outside the autocast accelerate wraps forward in
         with self.accelerator.autocast():
             return teacher(*args, **kwargs)
+
+    def _fused_lm_head(self) -> bool:
+        """Whether compute_loss runs the student with TRL's fused LM head (``model(..., fused_lm_head=True)``).
+
+        TRL's ``add_fused_lm_head`` replaces the forward of the model (under PEFT, of its base model)
+        with one that takes ``fused_lm_head``; SFTTrainer's own loss passes it unless a
+        ``compute_loss_func`` or label smoothing needs the logits.
+        """
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        try:
+            parameters = inspect.signature(model.forward, follow_wrapped=False).parameters
+        except (TypeError, ValueError):
+            return False
+        return ("fused_lm_head" in parameters and self.compute_loss_func is None
+                and getattr(self, "label_smoother", None) is None)
 
     def _example_batch(self) -> dict[str, Any]:
         dataset = self.train_dataset
@@ -222,6 +248,17 @@ class DistillationMixin:
             return
         device = next(self.distiller.student.parameters()).device
         self.distiller.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+
+
+def _fused_head_error(trainer: str, error: kdhooks.ConfigError) -> kdhooks.ConfigError:
+    """A dry pass under TRL's fused LM head that met no logits, or a head never called: what to set instead."""
+    role = "teacher" if ".teacher" in error.location else "student"
+    what = "builds no logits" if "holds no logits" in error.problem else f"never calls {error.value!r}"
+    return kdhooks.ConfigError(error.location, f"{trainer} runs the student with a fused LM head "
+                               f"(fused_lm_head=True), which {what}: lm_kd has neither the logits nor the "
+                               f"hidden states at the head's input", value=error.value,
+                               fix=f"set {role}_head: lm_head and {role}_hidden to the backbone whose "
+                               f"last_hidden_state feeds it (`model` in Llama/GPT-2 style models, also under PEFT)")
 
 
 class _DistillerCallback(TrainerCallback):

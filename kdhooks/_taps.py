@@ -18,6 +18,9 @@ POLICIES = ("first", "last", "all")
 
 # segments that DDP, FSDP, torch.compile and activation checkpointing insert into paths
 _WRAPPER_SEGMENTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# the prefix a PEFT model (PeftModel → LoraModel → the user's model) puts before the user's paths: one
+# two-segment wrapper, at the start only (after any of the segments above), since `model` alone is a real name
+_PREFIX_WRAPPERS = (("base_model", "model"),)
 
 
 @dataclass(frozen=True)
@@ -78,22 +81,38 @@ class Tap:
         return self.path.split(":", 1)[0] == "logits"
 
 
+def _wrapper_units(parts: list[str]) -> list[tuple[int, ...]]:
+    """The positions of the wrapper segments in a path, each wrapper a unit: ``module`` one, PEFT's prefix two."""
+    units = [(i,) for i, p in enumerate(parts) if p in _WRAPPER_SEGMENTS]
+    start = 0
+    while start < len(parts) and parts[start] in _WRAPPER_SEGMENTS:
+        start += 1
+    for prefix in _PREFIX_WRAPPERS:
+        if tuple(parts[start:start + len(prefix)]) == prefix:
+            units.append(tuple(range(start, start + len(prefix))))
+    return units
+
+
 def clean_path(name: str) -> str:
-    """A module path with the segments added by DDP/FSDP/compile wrappers removed."""
-    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
+    """A module path with the segments added by DDP/FSDP/compile/PEFT wrappers removed."""
+    parts = name.split(".")
+    removed = {i for unit in _wrapper_units(parts) for i in unit}
+    return ".".join(p for i, p in enumerate(parts) if i not in removed)
 
 
 def _unwrappings(name: str) -> list[tuple[str, int]]:
-    """Each path that ``name`` gives with some of its wrapper segments removed, with how many were removed.
+    """Each path that ``name`` gives with some of its wrappers removed, with how many were removed.
 
     Some, not only all: in a DDP-wrapped model the user's own ``a.module.b`` is ``module.a.module.b``.
+    A wrapper is a segment (``module``) or PEFT's ``base_model.model`` prefix, which counts as one.
     """
     parts = name.split(".")
-    wrappers = [i for i, p in enumerate(parts) if p in _WRAPPER_SEGMENTS]
+    units = _wrapper_units(parts)
     # a path with many wrapper segments (nested FSDP units) is offered with all of them removed only
-    subsets = ([tuple(wrappers)] if len(wrappers) > 4 else
-               [c for r in range(1, len(wrappers) + 1) for c in itertools.combinations(wrappers, r)])
-    return [(".".join(p for i, p in enumerate(parts) if i not in removed), len(removed)) for removed in subsets]
+    subsets = ([tuple(units)] if len(units) > 4 else
+               [c for r in range(1, len(units) + 1) for c in itertools.combinations(units, r)])
+    return [(".".join(p for i, p in enumerate(parts) if not any(i in unit for unit in removed)), len(removed))
+            for removed in subsets]
 
 
 def _unwrapped(named: list[tuple[str, Any]]) -> tuple[dict[str, Any], dict[str, list[str]]]:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForSequenceClassification,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
+                          T5ForConditionalGeneration, TrainingArguments)
 
 VOCAB = 40
 LENGTH = 16
@@ -28,6 +30,56 @@ def tiny_llama(layers: int, hidden: int, heads: int = 2, seed: int = 0, vocab: i
                          num_key_value_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=LENGTH,
                          tie_word_embeddings=False, pad_token_id=PAD, bos_token_id=CLS, eos_token_id=2)
     return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(layers: int, hidden: int, heads: int = 2, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=LENGTH,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=CLS,
+                        eos_token_id=2)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_t5(layers: int, hidden: int, heads: int = 2, seed: int = 0, attn: str = "eager",
+            decoder_layers: int | None = None) -> T5ForConditionalGeneration:
+    """A T5 without dropout; its decoder starts from the pad token, as T5's does."""
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden, num_layers=layers,
+                      num_decoder_layers=decoder_layers or layers, num_heads=heads, dropout_rate=0.0,
+                      relative_attention_num_buckets=8, pad_token_id=PAD, eos_token_id=2, decoder_start_token_id=PAD,
+                      attn_implementation=attn)
+    return T5ForConditionalGeneration(config)
+
+
+def tiny_bart(layers: int, hidden: int, heads: int = 2, seed: int = 0, attn: str = "eager",
+              decoder_layers: int | None = None) -> BartForConditionalGeneration:
+    """A BART without dropout; its decoder starts from EOS (2), as BART's does."""
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=VOCAB, d_model=hidden, encoder_layers=layers,
+                        decoder_layers=decoder_layers or layers, encoder_attention_heads=heads,
+                        decoder_attention_heads=heads, encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden,
+                        max_position_embeddings=2 * LENGTH, dropout=0.0, attention_dropout=0.0,
+                        activation_dropout=0.0, pad_token_id=PAD, bos_token_id=CLS, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=None, attn_implementation=attn)
+    return BartForConditionalGeneration(config)
+
+
+def seq2seq_data(n: int, seed: int, target_length: int = 10) -> list[dict[str, torch.Tensor]]:
+    """Reverse a counting sequence: source (LENGTH tokens, right-padded) → its tokens reversed and then EOS
+    (``target_length`` tokens, label -100 past the end). Source and target lengths differ unless
+    ``target_length == LENGTH``."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        length = int(torch.randint(4, min(LENGTH, target_length - 1) + 1, (), generator=g))
+        start, step = int(torch.randint(3, VOCAB, (), generator=g)), int(torch.randint(1, 4, (), generator=g))
+        tokens = [3 + (start + step * i) % (VOCAB - 3) for i in range(length)]
+        ids = torch.full((LENGTH,), PAD)
+        ids[:length] = torch.tensor(tokens)
+        labels = torch.full((target_length,), -100)
+        labels[:length + 1] = torch.tensor([*reversed(tokens), 2])
+        items.append({"input_ids": ids, "attention_mask": (torch.arange(LENGTH) < length).long(), "labels": labels})
+    return items
 
 
 def sentiment_data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:

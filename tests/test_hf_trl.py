@@ -12,6 +12,7 @@ datasets = pytest.importorskip("datasets")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
+import kdhooks  # noqa: E402
 from kdhooks.integrations.hf import with_distillation  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -25,11 +26,11 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="w2", model_max_length=LENGTH)
 
 
-def sft_trainer(tmp_path, kd_config: dict, max_steps: int = 12):
+def sft_trainer(tmp_path, kd_config: dict, max_steps: int = 12, teacher_vocab: int = VOCAB):
     items = lm_data(96, seed=1)
     dataset = datasets.Dataset.from_list([{"input_ids": item["input_ids"][item["attention_mask"].bool()].tolist()}
                                           for item in items])
-    teacher, student = tiny_llama(2, 32, seed=1), tiny_llama(1, 16, seed=2)
+    teacher, student = tiny_llama(2, 32, seed=1, vocab=teacher_vocab), tiny_llama(1, 16, seed=2)
     args = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
                          max_steps=max_steps, logging_steps=1, per_device_train_batch_size=8, learning_rate=1e-2,
                          lr_scheduler_type="constant", save_strategy="no", max_length=LENGTH)
@@ -57,7 +58,17 @@ def test_lm_kd_forms_the_logits_from_the_fused_heads_hidden_states(tmp_path):
     assert not torch.equal(head_before, student.lm_head.weight)  # through the head's weights
 
 
-def test_logits_taps_on_a_fused_head_say_what_to_set(tmp_path):
-    trainer, _, _ = sft_trainer(tmp_path, {"terms": [{"kind": "lm_kd"}]}, max_steps=1)
-    with pytest.raises(LookupError, match="holds no logits.*student_hidden"):
-        trainer.train()
+@pytest.mark.parametrize("term, location", [({"kind": "lm_kd"}, "terms[0].student"),
+                                            ({"kind": "lm_kd", "student_head": "lm_head"}, "terms[0].student_head")])
+def test_a_fused_head_without_student_hidden_fails_at_construction_with_the_fix(tmp_path, term, location):
+    """The dry pass runs the student as SFTTrainer's loss does (fused_lm_head=True): lm_head never runs there."""
+    with pytest.raises(kdhooks.ConfigError, match="fused LM head") as error:
+        sft_trainer(tmp_path, {"terms": [term]}, max_steps=1)
+    assert error.value.location == location
+    assert "student_hidden" in error.value.fix and "`model`" in error.value.fix
+
+
+def test_a_teacher_with_another_vocabulary_fails_at_construction(tmp_path):
+    config = {"terms": [{"kind": "lm_kd", "student_head": "lm_head", "student_hidden": "model"}]}
+    with pytest.raises(kdhooks.ConfigError, match=f"vocabulary has {VOCAB} entries and the teacher's {VOCAB + 8}"):
+        sft_trainer(tmp_path, config, max_steps=1, teacher_vocab=VOCAB + 8)

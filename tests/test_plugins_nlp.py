@@ -89,12 +89,10 @@ def test_lm_kd_from_the_output_layer_equals_lm_kd_from_logits():
     ({"student_head": "lm_head", "student_hidden": "model.layers.0.mlp.up_proj"}, "terms[0].student_hidden", "32"),
 ])
 def test_lm_kd_head_options_that_cannot_work(options, location, says):
+    """Each fails while the Distiller is built (at the latest at its dry pass), not at the first step."""
     teacher, student, batch = tiny_llama(2, 32, seed=1), tiny_llama(1, 16, seed=2), lm_batch()
     with pytest.raises(kdhooks.ConfigError) as error:
-        with kdhooks.Distiller(student, teacher, {"terms": [{"kind": "lm_kd", **options}]},
-                               example_inputs=batch) as kd:
-            student.train()
-            kd(student(**batch).loss, **batch)
+        kdhooks.Distiller(student, teacher, {"terms": [{"kind": "lm_kd", **options}]}, example_inputs=batch)
     assert error.value.location == location and says in str(error.value)
 
 
@@ -166,8 +164,15 @@ def test_matched_heads_need_equal_head_counts():
 def test_sdpa_models_switch_to_eager_with_a_warning_and_back_on_close():
     teacher, student = tiny_bert(2, 32, attn="sdpa"), tiny_bert(1, 16, attn="sdpa")
     batch = {"input_ids": torch.randint(3, 40, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-    with pytest.warns(UserWarning, match="switching this model to 'eager'"):
-        kd = kdhooks.Distiller(student, teacher, {"terms": [{"kind": "attention_maps"}]}, example_inputs=batch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kd = kdhooks.Distiller(student, teacher, {"terms": [{"kind": "attention_maps", "name": "attention_maps"},
+                                                            {"kind": "attention_maps", "name": "again"}]},
+                               example_inputs=batch)
+    switched = sorted(str(w.message) for w in caught if "to 'eager'" in str(w.message))
+    assert len(switched) == 2  # once per model, whichever term asked first, each naming its model
+    assert "switching the student (BertForSequenceClassification)" in switched[0]
+    assert "switching the teacher (BertForSequenceClassification)" in switched[1]
     assert student.config._attn_implementation == teacher.config._attn_implementation == "eager"
     student.train()
     student(**batch)
@@ -245,3 +250,13 @@ def test_attention_dropout_in_the_student_is_warned_about():
         kdhooks.Distiller(tiny_bert(1, 16, attention_dropout=0.1), tiny_bert(2, 32),
                           {"terms": [{"kind": "attention_maps"}]},
                           example_inputs={"input_ids": torch.randint(3, 40, (2, 8))})
+
+
+@pytest.mark.parametrize("heads", [{}, {"student_head": "lm_head", "teacher_head": "lm_head"},
+                                   {"student_head": "lm_head", "student_hidden": "model"}])
+def test_different_vocabularies_fail_at_the_dry_pass_with_the_fix(heads):
+    teacher, student, batch = tiny_llama(2, 32, seed=1, vocab=48), tiny_llama(1, 16, seed=2), lm_batch()
+    with pytest.raises(kdhooks.ConfigError, match="vocabulary has 40 entries and the teacher's 48") as error:
+        kdhooks.Distiller(student, teacher, {"terms": [{"kind": "lm_kd", **heads}]}, example_inputs=batch)
+    assert error.value.location == "terms[0]" and "tokenizer" in error.value.fix
+
