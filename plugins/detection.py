@@ -1,192 +1,72 @@
 """Distilling object detectors: feature imitation, soft classification, bounded regression, localization.
 
-The terms work on dense heads, as a detection integration taps them
-(``kdhooks.integrations.mmdet`` does): neck levels and head outputs are lists
-over levels of maps ``(B, A·k, H, W)`` (``A`` priors per location, ``k`` values
-per prior). What comes from the ground truth arrives in the step's extras,
-per level in the flattened layout ``map.permute(0, 2, 3, 1).reshape(B, -1, k)``
-gives, so that row ``i`` of a level is prior ``i`` of that level:
+The terms work on detection heads, as a detection integration taps them
+(``kdhooks.integrations.mmdet`` does): neck levels and dense head outputs
+(a RetinaNet's head, a Faster R-CNN's RPN) are lists over levels of maps
+``(B, A·k, H, W)`` (``A`` priors per location, ``k`` values per prior); a
+two-stage detector's RoI head gives rows ``(N, k)``, one per proposal. What
+comes from the ground truth arrives in the step's extras, per level in the
+flattened layout ``map.permute(0, 2, 3, 1).reshape(B, -1, k)`` gives, so that
+row ``i`` of a level is prior ``i`` of that level:
 
 - ``gt_boxes``: per image, ``(n, 4)`` boxes ``x1, y1, x2, y2`` in input pixels;
-- ``priors``: per level, ``(H·W·A, 4)`` anchor boxes;
+- ``priors``: per level, ``(H·W·A, 4)`` anchor boxes of the student's dense head;
 - ``reg_targets``, ``reg_weights``: per level, ``(B, H·W·A, 4)`` regression
   targets in the encoding of the head's box outputs (deltas; an integration
   encodes the gt boxes that heads with decoded-box losses assign) and their
-  weights (non-zero at positives);
-- ``positives``: per level, ``(B, H·W·A)`` True where the head's assigner
-  made a prior positive.
+  weights (non-zero at positives). For a RoI head ``(N, 4·C)`` rows laid out as
+  its box outputs (class ``c`` in columns ``4c…4c+3``; ``(N, 4)`` when
+  class-agnostic), non-zero at each positive proposal's class. Where a detector
+  has several heads either may be a mapping ``{the student head's module path:
+  value}`` (``rpn_head``, ``roi_head.bbox_head``): a term reads its head's;
+- ``positives``: per level, ``(B, H·W·A)`` True where the dense head's assigner
+  made a prior positive;
+- ``teacher_rois``: for terms with ``rois: true``, ``{the term's teacher tap:
+  value}``, the teacher's RoI head run on the proposals the student sampled
+  this step (its rows in the order of the student's), as Chen et al. 2017 do.
+  A teacher's RoI head cannot run before the student has sampled, so an
+  integration runs it after the student's forward and gives its outputs here.
 
 A term says which of these it reads in ``extras_needed()``, so an integration
-computes only those. Each formula is also a plain function below.
+computes only those. Each formula is also a plain function (defined in
+``_detection_formulas``, importable from here).
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 import kdhooks
 
-from .logits import kd_loss
+from ._detection_formulas import (
+    bounded_regression_loss,
+    box_iou,
+    feature_imitation_loss,
+    flatten_levels,
+    imitation_mask,
+    ld_head_loss,
+    ld_loss,
+    positive_mask,
+    soft_binary_cls_loss,
+    soft_cls_loss,
+)
+from ._detection_inputs import (
+    _check_rois,
+    _class_rows,
+    _levels,
+    _matching_levels,
+    _of_head,
+    _rois_teacher,
+    _rows,
+    _shapes,
+)
 
-
-def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """Intersection over union of every box in ``boxes`` (N, 4) with every box in ``others`` (M, 4)."""
-    top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
-    bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1)
-    other_area = (others[:, 2:] - others[:, :2]).clamp(min=0).prod(-1)
-    return intersection / (area[:, None] + other_area[None, :] - intersection).clamp(min=1e-9)
-
-
-def flatten_levels(maps: list[torch.Tensor], values: int) -> list[torch.Tensor]:
-    """Per-level maps (B, A·k, H, W) as (B, H·W·A, k) rows, one per prior."""
-    return [m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, values) for m in maps]
-
-
-def imitation_mask(priors: list[torch.Tensor], gt_boxes: list[torch.Tensor], sizes: list[tuple[int, int]],
-                   ratio: float = 0.5) -> list[torch.Tensor]:
-    """Fine-grained imitation regions (Wang et al. 2019): per level (B, H, W), 1 near objects.
-
-    For each ground-truth box the IoU with every prior of every level is
-    computed; priors above ``ratio`` times the box's best IoU mark their
-    location; the masks of all boxes of an image are joined.
-    """
-    all_priors = torch.cat(priors)
-    counts = [p.shape[0] for p in priors]
-    masks = [torch.zeros(len(gt_boxes), h, w, device=all_priors.device) for h, w in sizes]
-    for image, boxes in enumerate(gt_boxes):
-        if boxes.numel() == 0:
-            continue
-        iou = box_iou(all_priors, boxes.to(all_priors))                  # (priors, boxes)
-        near = (iou > ratio * iou.max(dim=0).values).any(dim=1)          # priors near some box
-        for level, near_level in enumerate(near.split(counts)):
-            h, w = sizes[level]
-            masks[level][image] = near_level.view(h, w, -1).any(dim=-1).float()
-    return masks
-
-
-def positive_mask(positives: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """A level's (B, H·W·A) positives as a (B, H, W) mask: 1 where some prior of the location is positive."""
-    batch, _, height, width = shape
-    return positives.reshape(batch, height, width, -1).any(dim=-1).float()
-
-
-def feature_imitation_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-                           masks: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Σ_levels Σ_{b,i,j,c} I_bij (s − t)² / (2 N_p), N_p = Σ I (all locations when ``masks`` is None)."""
-    squared_sum, locations = [], []
-    for level, (student, teacher) in enumerate(zip(student_features, teacher_features)):
-        squared = (student.float() - teacher.float()).pow(2).sum(dim=1)      # (B, H, W)
-        mask = torch.ones_like(squared) if masks is None else masks[level].to(squared)
-        squared_sum.append((squared * mask).sum())
-        locations.append(mask.sum())
-    return torch.stack(squared_sum).sum() / (2 * torch.stack(locations).sum().clamp(min=1.0))
-
-
-def soft_cls_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                  background_weight: float = 1.5, background_index: int = -1) -> torch.Tensor:
-    """−Σ_c w_c P_t log P_s with P = softmax(z / T), w_background = w0; rows (N, C+1), mean over rows."""
-    classes = student_logits.shape[-1]
-    student_log_probs = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
-    teacher_probs = F.softmax(teacher_logits.float().reshape(-1, classes) / temperature, dim=-1)
-    weights = torch.ones(classes, device=student_logits.device)
-    weights[background_index] = background_weight
-    return -(weights * teacher_probs * student_log_probs).sum(dim=-1).mean()
-
-
-def soft_binary_cls_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                         foreground_weight: float = 1.0, background_weight: float = 1.5) -> torch.Tensor:
-    """Per-class binary form for sigmoid heads: −[w_fg p_t log p_s + w_bg (1 − p_t) log(1 − p_s)], mean."""
-    student = student_logits.float() / temperature
-    teacher_probs = torch.sigmoid(teacher_logits.float() / temperature)
-    # log σ(x) and log(1 − σ(x)) = log σ(−x), stable for large |x|
-    loss = -(foreground_weight * teacher_probs * F.logsigmoid(student)
-             + background_weight * (1 - teacher_probs) * F.logsigmoid(-student))
-    return loss.mean()
-
-
-def bounded_regression_loss(student_reg: torch.Tensor, teacher_reg: torch.Tensor, targets: torch.Tensor,
-                            margin: float = 0.0) -> torch.Tensor:
-    """Teacher bounded L2 (Chen et al. 2017): ||R_s − y||² if ||R_s − y||² + m > ||R_t − y||², else 0; mean."""
-    if student_reg.shape[0] == 0:
-        return student_reg.sum() * 0.0
-    student_error = (student_reg.float() - targets.float()).pow(2).sum(dim=-1)
-    teacher_error = (teacher_reg.float() - targets.float()).pow(2).sum(dim=-1)
-    return torch.where(student_error + margin > teacher_error, student_error, torch.zeros_like(student_error)).mean()
-
-
-def ld_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, temperature: float = 10.0) -> torch.Tensor:
-    """T² · KL(softmax(t/T) ‖ softmax(s/T)) per box edge (rows of bin logits), mean over edges."""
-    if student_corners.shape[0] == 0:
-        return student_corners.sum() * 0.0
-    # rows of bin logits are rows of class logits: Hinton's tempered KL, averaged over edges
-    return kd_loss(student_corners, teacher_corners, temperature)
-
-
-def ld_head_loss(student_corners: torch.Tensor, teacher_corners: torch.Tensor, scores: torch.Tensor,
-                 temperature: float = 10.0) -> torch.Tensor:
-    """mmdet's ``LDHead`` ``loss_ld`` at loss_weight 1: Σ_priors w Σ_edges T² KL_e / (bins · 4).
-
-    Rows are positive priors, ``(N, 4 · bins)`` bin logits; ``scores`` (N,) is
-    each prior's highest sigmoid class score of the student (detached), the
-    weight LDHead gives its edges. KL_e is averaged over the bins and the sum is
-    divided by 4 (LDHead's ``avg_factor=4.0``), not by the number of priors.
-    """
-    if student_corners.shape[0] == 0:
-        return student_corners.sum() * 0.0
-    bins = student_corners.shape[-1] // 4
-    student_log_probs = F.log_softmax(student_corners.float().reshape(-1, bins) / temperature, dim=-1)
-    teacher_probs = F.softmax(teacher_corners.float().reshape(-1, bins) / temperature, dim=-1)
-    per_edge = F.kl_div(student_log_probs, teacher_probs, reduction="none").mean(dim=-1) * temperature ** 2
-    weights = scores.detach().float()[:, None].expand(-1, 4).reshape(-1)
-    return (per_edge * weights).sum() / 4.0
-
-
-def _levels(value: Any) -> list[torch.Tensor]:
-    """A tapped head or neck output as a list of level maps (one tensor counts as one level)."""
-    return [value] if isinstance(value, torch.Tensor) else list(value)
-
-
-def _shapes(value: Any) -> list[tuple] | None:
-    """Per-level shapes of a capture (one tensor is one level); None for a capture that holds no tensors."""
-    if isinstance(value, tuple):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(s, tuple) for s in value):
-        return value
-    return None
-
-
-def _matching_levels(term: kdhooks.Term, shapes: dict[str, Any], student: str, teacher: str, what: str, fix: str,
-                     maps: bool = True) -> list[tuple] | None:
-    """The student's per-level shapes once they equal the teacher's; None when the captures hold no tensors.
-
-    Rows of the two heads are compared prior by prior: the same levels, grids,
-    channels and images, or the flattened rows would pair different priors.
-    ``maps``: each level must be a map (B, A·k, H, W), which the loss flattens.
-    """
-    student_shapes, teacher_shapes = _shapes(shapes[student]), _shapes(shapes[teacher])
-    if student_shapes is None or teacher_shapes is None:
-        return None
-    if student_shapes != teacher_shapes:
-        raise kdhooks.ConfigError(term.location, f"student {student_shapes} and teacher {teacher_shapes} {what} "
-                                  f"differ", value=[student_shapes, teacher_shapes], fix=fix)
-    if maps and any(len(s) != 4 for s in student_shapes):
-        raise kdhooks.ConfigError(term.location_of(student), f"{term.kind} reads per-level maps (B, A·k, H, W); "
-                                  f"the {what} have shapes {student_shapes}", value=student_shapes,
-                                  fix="tap the head's outputs, a list of per-level maps (e.g. bbox_head:1)")
-    return student_shapes
-
-
-def _class_rows(logits: list[torch.Tensor], classes: int) -> torch.Tensor:
-    """Classification outputs as (N, classes) rows: per-level maps (B, A·C, H, W) or rows already."""
-    if logits[0].dim() == 4:
-        logits = flatten_levels(logits, classes)
-    return torch.cat([m.reshape(-1, classes) for m in logits])
+__all__ = ["LD", "DetBoundedReg", "DetClsKD", "DetFeatureImitation", "bounded_regression_loss", "box_iou",
+           "feature_imitation_loss", "flatten_levels", "imitation_mask", "ld_head_loss", "ld_loss", "positive_mask",
+           "soft_binary_cls_loss", "soft_cls_loss"]
 
 
 class DetFeatureImitation(kdhooks.Term):
@@ -307,7 +187,15 @@ class DetFeatureImitation(kdhooks.Term):
 
 
 class DetClsKD(kdhooks.Term):
-    """Soft classification targets with a background weight (Chen et al. 2017): −Σ w_c P_t log P_s."""
+    """Soft classification targets with a background weight (Chen et al. 2017): −Σ w_c P_t log P_s.
+
+    On a dense head (RetinaNet, FCOS, an RPN's objectness) both heads' maps
+    are compared prior by prior. ``rois: true`` distills a two-stage detector's
+    RoI head (``student`` and ``teacher`` ``roi_head.bbox_head:0``, softmax over
+    C+1 classes, background last): the rows of the proposals the student
+    sampled, against the teacher's RoI head on the same proposals, which the
+    integration runs and gives in the extras (``teacher_rois``).
+    """
 
     student: str = "bbox_head:0"
     teacher: str = "bbox_head:0"
@@ -317,15 +205,24 @@ class DetClsKD(kdhooks.Term):
     foreground_weight: kdhooks.NonNegative = 1.0
     classes: kdhooks.PositiveInt | None = None
     background_index: int = -1
+    rois: bool = False
+
+    def extras_needed(self) -> set[str]:
+        return {"teacher_rois"} if self.rois else set()
 
     def taps(self) -> dict[str, kdhooks.Tap]:
-        return {"student_logits": kdhooks.Tap("student", self.student),
-                "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
+        taps = {"student_logits": kdhooks.Tap("student", self.student)}
+        if not self.rois:  # the teacher's RoI head runs after the student's sampling: it comes in the extras
+            taps["teacher_logits"] = kdhooks.Tap("teacher", self.teacher)
+        return taps
 
     def check(self, shapes: dict[str, Any]) -> None:
-        student_shapes = _matching_levels(self, shapes, "student_logits", "teacher_logits", "classification outputs",
-                                          "use heads with the same classes, priors per location and strides",
-                                          maps=False)
+        if self.rois:
+            student_shapes = _check_rois(self, shapes["student_logits"], "student_logits")
+        else:
+            student_shapes = _matching_levels(self, shapes, "student_logits", "teacher_logits",
+                                              "classification outputs", "use heads with the same classes, priors "
+                                              "per location and strides", maps=False)
         if self.activation != "softmax" or student_shapes is None:
             return
         maps = len(student_shapes[0]) == 4
@@ -342,7 +239,9 @@ class DetClsKD(kdhooks.Term):
                                       f"among {classes}", value=self.background_index,
                                       fix="-1 (the last class, mmdet's background) or an index below the classes")
 
-    def loss(self, ctx: kdhooks.LossContext, student_logits: Any, teacher_logits: Any) -> torch.Tensor:
+    def loss(self, ctx: kdhooks.LossContext, student_logits: Any, teacher_logits: Any = None) -> torch.Tensor:
+        if self.rois:
+            teacher_logits = _rois_teacher(self, ctx, student_logits)
         students, teachers = _levels(student_logits), _levels(teacher_logits)
         if self.activation == "sigmoid":
             return soft_binary_cls_loss(torch.cat([s.flatten() for s in students]),
@@ -357,30 +256,41 @@ class DetBoundedReg(kdhooks.Term):
     """Teacher bounded regression (Chen et al. 2017): student L2 to the target where above the teacher's − m.
 
     Both heads' box outputs and the ``reg_targets`` are compared row by row, one
-    row per prior, in the same encoding: the integration checks at attach that
-    the two heads encode boxes alike and gives the targets in that encoding.
+    row per prior (dense heads, an RPN) or per proposal and class (a RoI head,
+    ``rois: true``: the student's sampled proposals, the teacher's RoI head on
+    the same proposals from the extras ``teacher_rois``), in the same encoding:
+    the integration checks at attach that the two heads encode boxes alike and
+    gives the targets in that encoding.
     """
 
     student: str = "bbox_head:1"
     teacher: str = "bbox_head:1"
     margin: kdhooks.Finite = 0.0  # m < 0 counts the student only where it is worse than the teacher by −m
+    rois: bool = False
 
     def extras_needed(self) -> set[str]:
-        return {"reg_targets", "reg_weights"}
+        return {"reg_targets", "reg_weights"} | ({"teacher_rois"} if self.rois else set())
 
     def taps(self) -> dict[str, kdhooks.Tap]:
-        return {"student_reg": kdhooks.Tap("student", self.student),
-                "teacher_reg": kdhooks.Tap("teacher", self.teacher)}
+        taps = {"student_reg": kdhooks.Tap("student", self.student)}
+        if not self.rois:
+            taps["teacher_reg"] = kdhooks.Tap("teacher", self.teacher)
+        return taps
 
     def check(self, shapes: dict[str, Any]) -> None:
+        if self.rois:
+            _check_rois(self, shapes["student_reg"], "student_reg")
+            return
         _matching_levels(self, shapes, "student_reg", "teacher_reg", "box outputs",
                          "use heads with the same box encoding, priors per location and strides")
 
-    def loss(self, ctx: kdhooks.LossContext, student_reg: Any, teacher_reg: Any) -> torch.Tensor:
-        targets, weights = ctx.extras["reg_targets"], ctx.extras["reg_weights"]
-        values = targets[0].shape[-1]
-        students = torch.cat([r.reshape(-1, values) for r in flatten_levels(_levels(student_reg), values)])
-        teachers = torch.cat([r.reshape(-1, values) for r in flatten_levels(_levels(teacher_reg), values)])
+    def loss(self, ctx: kdhooks.LossContext, student_reg: Any, teacher_reg: Any = None) -> torch.Tensor:
+        if self.rois:
+            teacher_reg = _rois_teacher(self, ctx, student_reg)
+        targets = _levels(_of_head(ctx.extras["reg_targets"], self, "reg_targets"))
+        weights = _levels(_of_head(ctx.extras["reg_weights"], self, "reg_weights"))
+        values = 4 if self.rois else targets[0].shape[-1]
+        students, teachers = _rows(_levels(student_reg), values), _rows(_levels(teacher_reg), values)
         targets = torch.cat([t.reshape(-1, values) for t in targets])
         positive = torch.cat([w.reshape(-1, values) for w in weights]).sum(dim=-1) > 0
         if students.shape[0] != targets.shape[0]:

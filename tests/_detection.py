@@ -42,3 +42,31 @@ class ToyDetector(nn.Module):
 
     def forward(self, x):
         return self.bbox_head(self.neck(x))
+
+
+class RoIHead(nn.Module):
+    """A RoI box head: rows of RoI features (N, channels) -> class scores (N, C+1), deltas (N, 4·C)."""
+
+    def __init__(self, channels, classes=2):
+        super().__init__()
+        self.fc_cls = nn.Linear(channels, classes + 1)
+        self.fc_reg = nn.Linear(channels, 4 * classes)
+
+    def forward(self, rois):
+        return self.fc_cls(rois), self.fc_reg(rois)
+
+
+class ToyTwoStage(nn.Module):
+    """A two-stage detector: neck -> RPN maps (objectness, deltas); one RoI row per level-0 location -> RoI head."""
+
+    def __init__(self, channels, classes=2, strides=(4, 8)):
+        super().__init__()
+        self.neck = Levels(channels, strides)
+        self.rpn_head = Head(channels, priors=3, classes=1)
+        self.roi_head = nn.Module()
+        self.roi_head.bbox_head = RoIHead(channels, classes)
+
+    def forward(self, x):
+        levels = self.neck(x)
+        rois = levels[0].flatten(2).transpose(1, 2).reshape(-1, levels[0].shape[1])
+        return self.rpn_head(levels), self.roi_head.bbox_head(rois)

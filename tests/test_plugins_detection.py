@@ -254,3 +254,72 @@ def test_det_feature_imitation_on_the_heads_positives():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(kdhooks.LossError, match="extras have no .positives."):
         run_term({"kind": "det_feature_imitation", "region": "positives"}, student, teacher, x)
+
+
+def test_rois_terms_read_the_teachers_rows_on_the_students_proposals_from_the_extras():
+    """rois: true: the student's RoI rows are tapped; the teacher's rows on the same proposals come in the extras."""
+    from _detection import ToyTwoStage
+
+    x = torch.randn(2, 3, 32, 32)
+    student, teacher = ToyTwoStage(4), ToyTwoStage(8)
+    rows_count = 2 * 8 * 8                                 # one RoI per level-0 location of each image
+    teacher_cls, teacher_reg = torch.randn(rows_count, 3), torch.randn(rows_count, 8)
+    cls_term = {"kind": "det_cls_kd", "rois": True, "student": "roi_head.bbox_head:0",
+                "teacher": "roi_head.bbox_head:0", "activation": "softmax", "temperature": 2.0}
+    loss, out, _, _ = run_term(cls_term, student, teacher, x,
+                               teacher_rois={"roi_head.bbox_head:0": teacher_cls})
+    assert loss.item() == pytest.approx(soft_cls_loss(out[1][0], teacher_cls, 2.0).item(), rel=1e-5)
+
+    # regression: targets and weights per head; a RoI row is a proposal's 4 deltas per class (class c: 4c..4c+3)
+    labels = torch.randint(0, 2, (rows_count,))
+    positive = torch.rand(rows_count) > 0.7
+    roi_targets, roi_weights = torch.zeros(rows_count, 2, 4), torch.zeros(rows_count, 2, 4)
+    roi_targets[positive, labels[positive]] = torch.randn(int(positive.sum()), 4)
+    roi_weights[positive, labels[positive]] = 1.0
+    rpn_sizes = [64, 16]
+    rpn_targets = [torch.randn(2, n * 3, 4) for n in rpn_sizes]
+    rpn_weights = [(torch.rand(2, n * 3, 1) > 0.8).float().expand(-1, -1, 4) for n in rpn_sizes]
+    extras = {"reg_targets": {"roi_head.bbox_head": roi_targets.reshape(rows_count, 8), "rpn_head": rpn_targets},
+              "reg_weights": {"roi_head.bbox_head": roi_weights.reshape(rows_count, 8), "rpn_head": rpn_weights},
+              "teacher_rois": {"roi_head.bbox_head:1": teacher_reg}}
+    reg_term = {"kind": "det_bounded_reg", "rois": True, "student": "roi_head.bbox_head:1",
+                "teacher": "roi_head.bbox_head:1", "margin": 0.1}
+    loss, out, _, _ = run_term(reg_term, student, teacher, x, **extras)
+    pick = lambda reg: reg.reshape(rows_count, 2, 4)[positive, labels[positive]]  # noqa: E731
+    expected = bounded_regression_loss(pick(out[1][1]), pick(teacher_reg), roi_targets[positive, labels[positive]],
+                                       0.1)
+    assert positive.sum() > 5 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # the RPN's term reads the RPN's entry of the same extras, its maps and the teacher's as taps
+    loss, out, t_out, _ = run_term({"kind": "det_bounded_reg", "student": "rpn_head:1", "teacher": "rpn_head:1"},
+                                   student, teacher, x, **extras)
+    chosen = torch.cat([w.reshape(-1, 4) for w in rpn_weights]).sum(-1) > 0
+    expected = bounded_regression_loss(rows(out[0][1], 4)[chosen], rows(t_out[0][1], 4)[chosen],
+                                       torch.cat([t.reshape(-1, 4) for t in rpn_targets])[chosen])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rois_terms_refuse_what_they_cannot_pair():
+    from _detection import ToyTwoStage
+
+    x = torch.randn(2, 3, 32, 32)
+    student, teacher = ToyTwoStage(4), ToyTwoStage(8)
+    term = {"kind": "det_cls_kd", "rois": True, "student": "roi_head.bbox_head:0", "teacher": "roi_head.bbox_head:0",
+            "activation": "softmax"}
+    with pytest.raises(kdhooks.LossError, match="extras have no .teacher_rois."):
+        run_term(term, student, teacher, x)
+    with pytest.raises(kdhooks.LossError, match="teacher_rois hold no 'roi_head.bbox_head:0'"):
+        run_term(term, student, teacher, x, teacher_rois={"roi_head.bbox_head:1": torch.zeros(128, 8)})
+    with pytest.raises(kdhooks.LossError, match="RoI rows \\(128, 3\\) and the teacher's \\(100, 3\\) differ"):
+        run_term(term, student, teacher, x, teacher_rois={"roi_head.bbox_head:0": torch.zeros(100, 3)})
+    # rois: true on a dense head's maps, and RoI rows of each model's own proposals without it
+    with pytest.raises(kdhooks.ConfigError, match="reads the RoI head's rows"):
+        run_term({**term, "student": "rpn_head:0"}, student, teacher, x)
+    with pytest.raises(kdhooks.ConfigError, match="\\[\\(128, 3\\)\\] and teacher \\[\\(32, 3\\)\\](.|\\n)*set rois: true"):
+        run_term({"kind": "det_cls_kd", "student": "roi_head.bbox_head:0", "teacher": "roi_head.bbox_head:0"},
+                 student, ToyTwoStage(8, strides=(8, 16)), x)
+    # per-head extras without the term's head
+    reg = {"kind": "det_bounded_reg", "student": "rpn_head:1", "teacher": "rpn_head:1"}
+    with pytest.raises(kdhooks.ConfigError, match="given for the heads \\['roi_head.bbox_head'\\], not for 'rpn_head'"):
+        run_term(reg, student, teacher, x, reg_targets={"roi_head.bbox_head": torch.zeros(1)},
+                 reg_weights={"roi_head.bbox_head": torch.zeros(1)})

@@ -12,6 +12,7 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner import CheckpointLoader
 from mmengine.runner.checkpoint import load_from_local
 
+
 def _history_buffer_method(owner: Any, name: str) -> Any:
     """The one ``getattr`` an mmengine checkpoint pickles: a HistoryBuffer statistics method, by name."""
     if owner is HistoryBuffer and (name in HistoryBuffer._statistics_methods

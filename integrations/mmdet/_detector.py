@@ -2,142 +2,70 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import get_box_tensor
-from mmengine.config import Config, ConfigDict
+from mmengine.config import ConfigDict
 from mmengine.logging import MessageHub
 from mmengine.model import BaseModel
-from mmengine.runner import load_checkpoint
 from torch import nn
 
 import kdhooks
 
-from ._checkpoints import allow_mmengine_checkpoints, mmengine_checkpoint_loader
+from ._checkpoints import allow_mmengine_checkpoints
+from ._targets import (
+    assigns_points,
+    check_box_encoding,
+    head_targets,
+    is_anchor_head,
+    point_positives,
+)
+from ._teacher import (
+    Renormalize,
+    TeacherCall,
+    build_teacher,
+    config_dict,
+    is_two_stage,
+    load_teacher_checkpoint,
+    missing_local_file,
+)
+from ._two_stage import (
+    ROIS_TAP,
+    TEACHER_RUNS,
+    TeacherRoIs,
+    check_rois_terms,
+    refuse_teacher_roi_taps,
+    roi_targets,
+    rois_terms,
+)
 
-_HEAD_TARGETS = {"reg_targets", "reg_weights", "positives"}
+__all__ = ["DistilledDetector", "DistilledStudent", "build_teacher"]
 
-
-def _config(value: Any) -> Any:
-    """mmdet reads options as attributes (``test_cfg.nms``): plain dicts become ConfigDicts."""
-    return ConfigDict(value) if isinstance(value, dict) and not isinstance(value, ConfigDict) else value
+_DENSE = {"priors", "positives"}
 
 
 def _kd_config(kd: Any) -> Any:
     return kd.to_dict() if isinstance(kd, ConfigDict) else kd
 
 
-def build_teacher(teacher: Any, teacher_ckpt: str | None, *, load: bool = True) -> nn.Module:
-    """A detector from a model config, a config file (its ``model``) or a module, with ``teacher_ckpt`` loaded.
-
-    A module is used as it is given: without ``teacher_ckpt`` its weights are
-    kept, never re-initialised. A config without ``teacher_ckpt`` gets the
-    weights its ``init_cfg`` gives (with a warning). ``load=False`` builds
-    without loading ``teacher_ckpt`` (``DistilledDetector`` loads it itself).
-    """
-    given = isinstance(teacher, nn.Module)
-    if isinstance(teacher, (str, Path)):
-        teacher = Config.fromfile(str(teacher)).model
-    model = teacher if given else MODELS.build(_config(teacher))
-    if teacher_ckpt is not None:
-        if load:
-            load_teacher_checkpoint(model, teacher_ckpt)
-    elif not given and hasattr(model, "init_weights"):
-        warnings.warn("DistilledDetector: no teacher_ckpt; the teacher has the weights its init_cfg gives",
-                      stacklevel=3)
-        model.init_weights()
-    return model
-
-
-def load_teacher_checkpoint(teacher: nn.Module, teacher_ckpt: str | Path) -> None:
-    """``teacher_ckpt`` into ``teacher`` (strict), with mmengine's checkpoint globals allowed."""
-    with mmengine_checkpoint_loader():
-        load_checkpoint(teacher, str(teacher_ckpt), map_location="cpu", strict=True, logger="current")
-
-
-def _missing_local_file(path: str | Path) -> bool:
-    """A local path (not a URL or an ``s3://``-style address) that does not exist here."""
-    return "://" not in str(path) and not Path(path).expanduser().is_file()
-
-
-class _Renormalize:
-    """The student's preprocessed images as the teacher's own ``data_preprocessor`` would have made them.
-
-    The student's ``(img - mean_s) / std_s`` (its channel order) is mapped back
-    to pixels, the channels reversed where one model converts BGR to RGB and the
-    other does not, and normalized with ``mean_t``, ``std_t``. Pixels outside each
-    image (the batch padding, from ``img_shape``) get the teacher's ``pad_value``,
-    as its own preprocessing pads after normalizing. The batch keeps the
-    student's padded size, so both models see the same grid.
-    """
-
-    def __init__(self, student: tuple, teacher: tuple):
-        (self.mean_s, self.std_s, flip_s, _), (self.mean_t, self.std_t, flip_t, self.pad_t) = student, teacher
-        self.flip = flip_s != flip_t
-
-    @staticmethod
-    def settings(preprocessor: nn.Module | None) -> tuple:
-        """(mean, std, converts channels, pad value) of a data preprocessor; no normalization is mean 0, std 1."""
-        normalizes = getattr(preprocessor, "_enable_normalize", False)
-        mean = preprocessor.mean.detach().float().cpu() if normalizes else torch.zeros(1, 1, 1)
-        std = preprocessor.std.detach().float().cpu() if normalizes else torch.ones(1, 1, 1)
-        # mmengine keeps bgr_to_rgb / rgb_to_bgr as one flag; there is no public getter
-        return mean, std, bool(getattr(preprocessor, "_channel_conversion", False)), \
-            float(getattr(preprocessor, "pad_value", 0))
-
-    @classmethod
-    def between(cls, student: nn.Module, teacher: nn.Module | None) -> _Renormalize | None:
-        """The mapping from the student's inputs to the teacher's, or None where they preprocess alike."""
-        if teacher is None or not hasattr(teacher, "_enable_normalize"):
-            return None  # not an image data preprocessor: the teacher takes the student's inputs as they are
-        mine, theirs = cls.settings(student), cls.settings(teacher)
-        alike = all(torch.equal(*torch.broadcast_tensors(a, b)) for a, b in zip(mine[:2], theirs[:2]))
-        if alike and mine[2:] == theirs[2:]:
-            return None
-        return cls(mine, theirs)
-
-    def __call__(self, inputs: torch.Tensor, data_samples: list | None) -> torch.Tensor:
-        x = inputs.float() * self.std_s.to(inputs.device) + self.mean_s.to(inputs.device)
-        if self.flip:
-            x = x.flip(1)
-        x = ((x - self.mean_t.to(inputs.device)) / self.std_t.to(inputs.device)).to(inputs.dtype)
-        for image, sample in enumerate(data_samples or []):
-            height, width = sample.metainfo.get("img_shape", x.shape[-2:])[:2]
-            x[image, :, int(height):, :] = self.pad_t
-            x[image, :, :, int(width):] = self.pad_t
-        return x
-
-
-class _TeacherCall:
-    """The teacher on the student's preprocessed inputs: features and head outputs, no post-processing.
-
-    mmdet's ``tensor`` mode calls the head's ``forward`` directly, which forward
-    hooks do not see; calling the head as a module keeps its taps recording.
-    Inputs are re-normalized for a teacher that preprocesses differently.
-    """
-
-    def __init__(self, renormalize: _Renormalize | None):
-        self.renormalize = renormalize
-
-    def __call__(self, teacher: nn.Module, args: tuple, kwargs: dict) -> Any:
-        inputs = args[0] if args else kwargs["inputs"]
-        if self.renormalize is not None:
-            data_samples = args[1] if len(args) > 1 else kwargs.get("data_samples")
-            inputs = self.renormalize(inputs, data_samples)
-        if hasattr(teacher, "extract_feat") and isinstance(getattr(teacher, "bbox_head", None), nn.Module):
-            return teacher.bbox_head(teacher.extract_feat(inputs))
-        return teacher(inputs, mode="tensor")
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 @MODELS.register_module()
 class DistilledDetector(BaseModel):
     """A student detector trained with a kdhooks Distiller against a frozen teacher.
+
+    Student and teacher may each be a single-stage detector (RetinaNet, ATSS,
+    FCOS, GFL) or a two-stage one (Faster R-CNN: RPN and RoI head taps; terms
+    with ``rois: true`` on the RoI rows of the proposals the student sampled).
 
     Args:
         student: the student detector's model config.
@@ -161,12 +89,12 @@ class DistilledDetector(BaseModel):
         # the Runner builds the model before it loads `load_from` or resumes: allow the checkpoint globals
         # again here, in case another library's safe_globals context has removed them since import
         allow_mmengine_checkpoints()
-        student_model = student if isinstance(student, nn.Module) else MODELS.build(_config(student))
+        student_model = student if isinstance(student, nn.Module) else MODELS.build(config_dict(student))
         super().__init__(data_preprocessor=data_preprocessor or student_model.data_preprocessor, init_cfg=init_cfg)
         self.student = student_model
         teacher_model = build_teacher(teacher, teacher_ckpt, load=False)
         self._pending_teacher_ckpt: str | None = None
-        if teacher_ckpt is not None and _missing_local_file(teacher_ckpt):
+        if teacher_ckpt is not None and missing_local_file(teacher_ckpt):
             warnings.warn(f"DistilledDetector: teacher_ckpt {str(teacher_ckpt)!r} is not here; the teacher is "
                           f"loaded from it when training starts (testing and predicting run the student alone)",
                           stacklevel=2)
@@ -175,39 +103,76 @@ class DistilledDetector(BaseModel):
             load_teacher_checkpoint(teacher_model, teacher_ckpt)
         # a plain attribute: not a submodule, so not in state_dict, parameters(), DDP or init_weights()
         object.__setattr__(self, "teacher", teacher_model)
-        self.teacher_renormalize = _Renormalize.between(self.data_preprocessor,
-                                                        getattr(teacher_model, "data_preprocessor", None))
+        self.teacher_renormalize = Renormalize.between(self.data_preprocessor,
+                                                       getattr(teacher_model, "data_preprocessor", None))
+        self._teacher_call = TeacherCall(self.teacher_renormalize)
+        self._teacher_call.whole = True  # the dry pass: a tap on the teacher's RoI head records, to be refused
         self.distiller = kdhooks.Distiller(self.student, teacher_model, _kd_config(kd),
                                            example_inputs=self._example_inputs(example_size),
-                                           teacher_call=_TeacherCall(self.teacher_renormalize))
+                                           teacher_call=self._teacher_call)
+        self._teacher_call.whole, self._teacher_call.features = False, None
         try:
-            self._extras_needed: dict[str, set[str]] = {}
-            for term in self.distiller.terms:
-                for name in getattr(term, "extras_needed", lambda: ())():
-                    self._extras_needed.setdefault(name, set()).add(term.name)
-            self._head_tap = kdhooks.Tap("student", "bbox_head:0")
-            needs = self._extras_needed.keys()
-            if needs & ({"priors"} | _HEAD_TARGETS):
-                head = getattr(self.student, "bbox_head", None)
-                anchored = needs & ({"priors"} | _HEAD_TARGETS) - {"positives"}
-                if anchored and not _is_anchor_head(head):
-                    terms = self._terms_at(set().union(*(self._extras_needed[n] for n in anchored)))
-                    raise kdhooks.ConfigError(terms, f"the terms need {sorted(anchored)} from the student's head "
-                                              f"(anchors and their targets), and {type(head).__name__} is not an "
-                                              f"anchor head", fix="for an anchor-free student (FCOS) use "
-                                              "det_feature_imitation with region: positives (the points its "
-                                              "assigner makes positive) or region: all")
-                if not (_is_anchor_head(head) or _assigns_points(head)):
-                    raise kdhooks.ConfigError(self._terms_at(self._extras_needed["positives"]), f"the terms need the "
-                                              f"positives of the student head's assigner, and {type(head).__name__} "
-                                              f"is neither an anchor head nor a point head like FCOS",
-                                              fix="use a single-stage student, or region: all")
-                self.distiller.add_tap(self._head_tap, "DistilledDetector (featmap sizes)")
-            if "reg_targets" in self._extras_needed:
-                _check_box_encoding(self.student, teacher_model, self._terms_at(self._extras_needed["reg_targets"]))
+            self._plan_extras(teacher_model)
         except BaseException:
             self.distiller.close()
             raise
+
+    def _plan_extras(self, teacher: nn.Module) -> None:
+        """What the step's extras hold, for which head, and the checks that they can be made (ConfigErrors)."""
+        self._extras_needed: dict[str, set[str]] = {}
+        for term in self.distiller.terms:
+            for name in getattr(term, "extras_needed", lambda: ())():
+                self._extras_needed.setdefault(name, set()).add(term.name)
+        refuse_teacher_roi_taps(self.distiller, teacher)
+        # the student's dense head: priors and positives come from it; an RPN for a two-stage student
+        self._dense_path = "rpn_head" if is_two_stage(self.student) else "bbox_head"
+        head = getattr(self.student, self._dense_path, None)
+        # the heads whose regression targets the terms read: {module path: 'dense' or 'rois'}
+        self._reg_heads: dict[str, str] = {}
+        # the terms that read the dense head's extras: priors, positives, regression targets
+        dense_terms = set().union(*(self._extras_needed.get(n, set()) for n in _DENSE))
+        for term in self.distiller.terms:
+            if "reg_targets" not in getattr(term, "extras_needed", lambda: ())():
+                continue
+            path = kdhooks.Tap("student", getattr(term, "student", self._dense_path)).module_path
+            if getattr(term, "rois", False):
+                self._reg_heads[path] = "rois"
+                continue
+            if path != self._dense_path:
+                raise kdhooks.ConfigError(self._terms_at({term.name}), f"regression targets are made for the "
+                                          f"student's {self._dense_path} (its anchors and assigner), and the term "
+                                          f"taps {path!r}", value=getattr(term, "student", None),
+                                          fix=f"tap {self._dense_path}:1, or a RoI head with rois: true")
+            teacher_path = kdhooks.Tap("teacher", getattr(term, "teacher", path)).module_path
+            check_box_encoding({"student": head, "teacher": _submodule(teacher, teacher_path)}, path,
+                               self._terms_at({term.name}))
+            self._reg_heads[path] = "dense"
+            dense_terms.add(term.name)
+        self._head_tap = kdhooks.Tap("student", f"{self._dense_path}:0")
+        if dense_terms:
+            anchored = dense_terms - self._extras_needed.get("positives", set())
+            if anchored and not is_anchor_head(head):
+                raise kdhooks.ConfigError(self._terms_at(anchored), f"the terms need anchors (priors, regression "
+                                          f"targets) from the student's {self._dense_path}, and "
+                                          f"{type(head).__name__} is not an anchor head", fix="for an anchor-free "
+                                          "student (FCOS) use det_feature_imitation with region: positives (the "
+                                          "points its assigner makes positive) or region: all")
+            if not (is_anchor_head(head) or assigns_points(head)):
+                raise kdhooks.ConfigError(self._terms_at(dense_terms), f"the terms need the positives of the "
+                                          f"student head's assigner, and {type(head).__name__} is neither an anchor "
+                                          f"head nor a point head like FCOS",
+                                          fix="use an anchor or FCOS-like head (or an RPN), or region: all")
+            self.distiller.add_tap(self._head_tap, "DistilledDetector (featmap sizes)")
+        self._dense_extras = bool(dense_terms)
+        # terms on RoI rows: the teacher's RoI head runs on the proposals the student sampled
+        terms = rois_terms(self.distiller)
+        self._teacher_rois = None
+        if terms:
+            check_rois_terms(terms, self.student, teacher, self._terms_at)
+            self._teacher_rois = TeacherRoIs(teacher, [term.teacher for term in terms])
+            self.distiller.add_tap(ROIS_TAP, "DistilledDetector (the student's sampled proposals)",
+                                   explicit_policy=True)
+            self.distiller.add_tap(TEACHER_RUNS, "DistilledDetector (the teacher's features for its RoI head)")
 
     def _terms_at(self, names: set[str]) -> str:
         return ", ".join(f"model.kd.{t.location} ({t.kind})" for t in self.distiller.terms if t.name in names)
@@ -216,8 +181,8 @@ class DistilledDetector(BaseModel):
         from mmdet.structures import DetDataSample
 
         height, width = size
-        meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
-                    batch_input_shape=(height, width), scale_factor=(1.0, 1.0))
+        meta = {"img_shape": (height, width), "ori_shape": (height, width), "pad_shape": (height, width),
+                "batch_input_shape": (height, width), "scale_factor": (1.0, 1.0)}
         device = next(self.student.parameters()).device
         return {"inputs": torch.zeros(1, 3, height, width, device=device),
                 "data_samples": [DetDataSample(metainfo=meta)], "mode": "predict"}
@@ -247,8 +212,11 @@ class DistilledDetector(BaseModel):
         step = MessageHub.get_current_instance().get_info("iter")
         if step is not None:
             self.distiller.step = step
-        losses = self.student(inputs, data_samples, mode="loss")
-        extras = self._extras(data_samples, inputs.device)
+        try:
+            losses = self.student(inputs, data_samples, mode="loss")
+            extras = self._extras(data_samples, inputs.device)
+        finally:
+            self._teacher_call.features = None  # a two-stage teacher's, kept for its RoI head: this step only
         task_weight = self.distiller.current_task_weight
         parts = self.distiller.loss_parts(None, **extras)
         if task_weight != 1.0:
@@ -263,7 +231,7 @@ class DistilledDetector(BaseModel):
 
     def _load_pending_teacher(self) -> None:
         path = self._pending_teacher_ckpt
-        if _missing_local_file(path):
+        if missing_local_file(path):
             raise kdhooks.ConfigError("model.teacher_ckpt", f"the teacher's checkpoint {path!r} does not exist; "
                                       f"training needs it", value=path,
                                       fix="pass the teacher's weights (--cfg-options model.teacher_ckpt=...)")
@@ -271,22 +239,58 @@ class DistilledDetector(BaseModel):
         self._pending_teacher_ckpt = None
 
     def _extras(self, data_samples: list, device: torch.device) -> dict[str, Any]:
-        """The step's ground truth as the detection terms read it (see kdhooks.plugins.detection)."""
+        """The step's ground truth as the detection terms read it (see kdhooks.plugins.detection).
+
+        ``reg_targets`` and ``reg_weights`` are per student head (``{module path: value}``): the dense head's per
+        level, a RoI head's per sampled proposal. ``teacher_rois``: the teacher's RoI head on those proposals.
+        """
         extras: dict[str, Any] = {"data_samples": data_samples}
         if not self._extras_needed:
             return extras
         extras["gt_boxes"] = [get_box_tensor(s.gt_instances.bboxes) for s in data_samples]
         extras["gt_labels"] = [s.gt_instances.labels for s in data_samples]
-        if not self._extras_needed.keys() & ({"priors"} | _HEAD_TARGETS):
-            return extras
-        head = self.student.bbox_head
+        if self._dense_extras:
+            extras.update(self._dense_head_extras(data_samples, device))
+        if self._teacher_rois is not None:
+            rois_extras = self._rois_extras(data_samples)
+            for name in ("reg_targets", "reg_weights"):
+                if name in rois_extras:  # next to the dense head's, per head
+                    extras.setdefault(name, {}).update(rois_extras.pop(name))
+            extras.update(rois_extras)
+        return extras
+
+    def _dense_head_extras(self, data_samples: list, device: torch.device) -> dict[str, Any]:
+        """Priors, positives and regression targets of the student's dense head (a single-stage head, an RPN)."""
+        head = getattr(self.student, self._dense_path)
         sizes = [tuple(score.shape[-2:]) for score in self.distiller.captures[self._head_tap]]
-        if not _is_anchor_head(head):
-            extras["positives"] = _point_positives(head, sizes, data_samples, device)
-            return extras
-        extras["priors"] = [get_box_tensor(p) for p in head.prior_generator.grid_priors(sizes, device=device)]
-        if self._extras_needed.keys() & _HEAD_TARGETS:
-            extras.update(_head_targets(head, sizes, data_samples, device))
+        if not is_anchor_head(head):
+            return {"positives": point_positives(head, sizes, data_samples, device)}
+        extras: dict[str, Any] = {"priors": [get_box_tensor(p) for p in
+                                             head.prior_generator.grid_priors(sizes, device=device)]}
+        regresses = self._dense_path in self._reg_heads
+        if "positives" in self._extras_needed or regresses:
+            targets = head_targets(head, sizes, data_samples, device)
+            extras["positives"] = targets["positives"]
+            if regresses:
+                extras["reg_targets"] = {self._dense_path: targets["reg_targets"]}
+                extras["reg_weights"] = {self._dense_path: targets["reg_weights"]}
+        return extras
+
+    def _rois_extras(self, data_samples: list) -> dict[str, Any]:
+        """The teacher's RoI head on the proposals the student sampled, and those proposals' regression targets."""
+        features, rois = self._teacher_call.features, self.distiller.captures.get(ROIS_TAP)
+        if features is None or rois is None:
+            missing = "the teacher's features (a plugin gave its outputs instead of running it?)" if features is None \
+                else "the student's sampled proposals (its RoI head did not extract box features)"
+            raise kdhooks.LossError(self._terms_at({t.name for t in rois_terms(self.distiller)}), self.distiller.step,
+                                    problem=f"the RoI terms need {missing}",
+                                    fix="train a two-stage student (StandardRoIHead) with a teacher that runs")
+        extras: dict[str, Any] = {"teacher_rois": self._teacher_rois(features, rois)}
+        for path, kind in self._reg_heads.items():
+            if kind == "rois":
+                targets, weights = roi_targets(self.student.roi_head, rois, data_samples)
+                extras.setdefault("reg_targets", {})[path] = targets
+                extras.setdefault("reg_weights", {})[path] = weights
         return extras
 
 
@@ -331,101 +335,3 @@ def _scaled(value: Any, weight: float) -> Any:
     return [weight * v for v in value] if isinstance(value, (list, tuple)) else weight * value
 
 
-def _is_anchor_head(head: Any) -> bool:
-    return hasattr(head, "prior_generator") and hasattr(head, "get_anchors")
-
-
-def _assigns_points(head: Any) -> bool:
-    """An anchor-free head that assigns points as FCOS does: ``get_targets(points, batch_gt_instances)``."""
-    if not hasattr(head, "prior_generator") or not hasattr(head, "get_targets"):
-        return False
-    return list(inspect.signature(head.get_targets).parameters)[:2] == ["points", "batch_gt_instances"]
-
-
-def _point_positives(head: nn.Module, sizes: list[tuple], data_samples: list,
-                     device: torch.device) -> list[torch.Tensor]:
-    """Per level (B, H·W): True at the points the head's own assigner makes positive (FCOS: inside a box, within
-    the centre-sampling radius where the head samples centres, in the level's regression range)."""
-    points = head.prior_generator.grid_priors(sizes, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        labels = head.get_targets(points, [s.gt_instances for s in data_samples])[0]
-    # each level's labels are the images' points one image after the other
-    return [((level >= 0) & (level < head.num_classes)).reshape(len(data_samples), -1) for level in labels]
-
-
-def _setting(value: Any) -> Any:
-    """A box coder setting, comparable whether the config wrote a list or the default is a tuple."""
-    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _box_encoding(head: nn.Module) -> tuple:
-    """What a row of the head's box outputs means: priors per location, the box coder and its settings, the priors."""
-    generator = getattr(head, "prior_generator", None)
-    coder = getattr(head, "bbox_coder", None)
-    return (getattr(head, "num_base_priors", None), type(coder).__name__,
-            {k: _setting(v) for k, v in vars(coder).items() if not k.startswith("_")} if coder is not None else None,
-            [tuple(s) for s in getattr(generator, "strides", [])],
-            [b.tolist() for b in getattr(generator, "base_anchors", [])])
-
-
-def _check_box_encoding(student: nn.Module, teacher: nn.Module, terms: str) -> None:
-    """Regression targets in the student head's encoding need box deltas, and a teacher that encodes alike.
-
-    The targets come from the student head's assigner, encoded with its box
-    coder against its anchors (``_head_targets``); the terms compare them with
-    both heads' outputs row by row, so those rows must be deltas of the same
-    coder against the same anchors.
-    """
-    heads = {"student": getattr(student, "bbox_head", None), "teacher": getattr(teacher, "bbox_head", None)}
-    for role, head in heads.items():
-        if head is None or not hasattr(head, "bbox_coder") or not hasattr(head, "prior_generator"):
-            raise kdhooks.ConfigError(terms, f"the {role}'s head ({type(head).__name__}) is not an anchor head "
-                                      f"with a box coder: there are no regression targets to compare its box "
-                                      f"outputs with", fix="distill box outputs between anchor heads (RetinaNet, "
-                                      "ATSS), or drop the term")
-        if hasattr(head, "reg_max") or hasattr(head, "integral"):
-            bins = head.reg_max + 1 if hasattr(head, "reg_max") else "several"
-            raise kdhooks.ConfigError(terms, f"the {role}'s {type(head).__name__} outputs a distribution over "
-                                      f"{bins} bins per box edge (4 × {bins} channels per prior), not box deltas "
-                                      f"to compare with regression targets",
-                                      fix="use `ld` (localization distillation) for distribution heads (GFL, LD)")
-    mine, theirs = _box_encoding(heads["student"]), _box_encoding(heads["teacher"])
-    what = ("priors per location", "box coder", "box coder settings", "strides", "anchor shapes")
-    differences = [f"{name}: student {a}, teacher {b}" for name, a, b in zip(what, mine, theirs) if a != b]
-    if differences:
-        raise kdhooks.ConfigError(terms, f"the heads encode boxes differently ({'; '.join(differences)}); box "
-                                  f"outputs are compared row by row with targets in the student's encoding",
-                                  fix="give the teacher's and the student's bbox_head the same anchor_generator and "
-                                  "bbox_coder, or drop the term")
-
-
-def _head_targets(head: nn.Module, sizes: list[tuple], data_samples: list, device: torch.device) -> dict[str, Any]:
-    """The student head's own assignment: per level (B, H·W·A, 4) regression targets and weights, positives.
-
-    The targets are in the encoding of the head's box outputs. A head with
-    ``reg_decoded_bbox=True`` (ATSS, any anchor head with an IoU loss) assigns
-    gt boxes in pixels and decodes its outputs to compare; here the pixel
-    targets of the positives are encoded with the head's box coder against
-    their anchors instead, exactly as the head's targets are encoded when
-    ``reg_decoded_bbox=False``, so they compare with the outputs like with like.
-    """
-    metas = [s.metainfo for s in data_samples]
-    anchors, valid = head.get_anchors(sizes, metas, device=device)
-    # per level (B, H·W·A, 4), before get_targets joins each image's list in place (ATSS-style heads do)
-    level_anchors = [torch.stack([get_box_tensor(image[level]) for image in anchors]) for level in range(len(sizes))]
-    with torch.no_grad():
-        targets = head.get_targets(anchors, valid, [s.gt_instances for s in data_samples], metas)
-    if targets[0][0].dim() == 3:
-        # ATSS-style heads (GFL) return the anchors first
-        targets = targets[1:]
-    labels, _, reg_targets, reg_weights = targets[:4]
-    positives = [(level >= 0) & (level < head.num_classes) for level in labels]
-    reg_targets = list(reg_targets)
-    if getattr(head, "reg_decoded_bbox", False):
-        for level, (boxes, weights) in enumerate(zip(reg_targets, reg_weights)):
-            chosen = weights.sum(dim=-1) > 0
-            encoded = boxes.new_zeros(*boxes.shape[:-1], head.bbox_coder.encode_size)
-            if chosen.any():
-                encoded[chosen] = head.bbox_coder.encode(level_anchors[level][chosen], boxes[chosen])
-            reg_targets[level] = encoded
-    return {"reg_targets": reg_targets, "reg_weights": list(reg_weights), "positives": positives}
