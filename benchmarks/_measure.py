@@ -1,6 +1,7 @@
 """Measuring helpers shared by the benchmarks: interleaved step timing and peak memory of one step."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -80,3 +81,15 @@ def write_section(path: Path, marker: str, text: str) -> None:
     else:
         body = body.rstrip() + "\n\n" + block + "\n"
     path.write_text(body)
+
+
+def saved_or_measured(path: Path, reuse: bool, measure: Callable[[], dict]) -> dict:
+    """The measurements saved at ``path`` (``--from-results``: rewrite the docs without re-training),
+    or fresh ones from ``measure()``, saved there for the next rewrite."""
+    if reuse:
+        return json.loads(path.read_text())
+    results = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    return results
+

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import kdhooks
 from kdhooks.demo import KD_CONFIG, accuracy, digits_tensors, student_cnn, teacher_cnn, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import interleaved_medians, peak_bytes, write_section  # noqa: E402
+from _measure import interleaved_medians, peak_bytes, saved_or_measured, write_section  # noqa: E402
 
 COMMAND = "python benchmarks/methods_digits.py"
 STAGES = ["stage1", "stage2", "stage3"]
@@ -508,15 +507,13 @@ def main() -> None:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f}s] {line}", flush=True)
 
-    if args.from_results:
-        saved = json.loads(args.results.read_text())
-    else:
+    def measure() -> dict:
         runs = [run_seed(seed, args.epochs, args.init_epochs, log) for seed in range(args.seeds)]
         minutes = (time.perf_counter() - start) / 60
-        saved = {"results": [r for r, _ in runs], "teachers": [t for _, t in runs], "epochs": args.epochs,
-                 "init_epochs": args.init_epochs, "minutes": minutes, "cost": grad_tap_cost()}
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(saved, indent=1, ensure_ascii=False))
+        return {"results": [r for r, _ in runs], "teachers": [t for _, t in runs], "epochs": args.epochs,
+                "init_epochs": args.init_epochs, "minutes": minutes, "cost": grad_tap_cost()}
+
+    saved = saved_or_measured(args.results, args.from_results, measure)
     steps_per_epoch = -(-len(digits_tensors(0)[1]) // BATCH)
     text = table(saved["results"], saved["teachers"], saved["epochs"], saved["init_epochs"], steps_per_epoch,
                  saved["minutes"], saved["cost"])

@@ -13,7 +13,6 @@ weight 3); nothing is tuned to the results. Writes the segmentation section of d
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "segmentation"
 sys.path.insert(0, str(EXAMPLE))
 sys.path.insert(0, str(Path(__file__).parent))
-from _measure import write_section  # noqa: E402
+from _measure import saved_or_measured, write_section  # noqa: E402
 from shapes import evaluate  # noqa: E402
 from train import data, train_student, train_teacher  # noqa: E402
 
@@ -137,12 +136,7 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="print the section instead of writing docs/methods.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.from_results:
-        results = json.loads(RESULTS.read_text())
-    else:
-        results = run(args.seeds, args.teacher_steps, args.steps)
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
+    results = saved_or_measured(RESULTS, args.from_results, lambda: run(args.seeds, args.teacher_steps, args.steps))
     text = section(results)
     if args.no_docs:
         print(text)
