@@ -207,6 +207,7 @@ class TeacherCache(kdhooks.Term):
         self._entries: dict[str, tuple[str, str]] = {}      # key -> (shard, layout json)
         self._shards: dict[str, str] = {}                   # shard -> digest
         self._open: dict[str, Any] = {}
+        self._by_id: dict[str, kdhooks.Tap] | None = None  # the teacher's taps by a stable id (see _teacher_taps)
         self._layouts: dict[str, dict[str, Any]] = {}       # key -> {tap id: layout}, parsed when first read
         self._pending: dict[str, dict[str, Any]] = {}       # key -> {tap id: per-sample value}
         self._keys: list[str] = []                          # this step's keys, forward after forward
@@ -283,11 +284,13 @@ class TeacherCache(kdhooks.Term):
     # --- storage ------------------------------------------------------------------------------
 
     def _teacher_taps(self) -> dict[str, kdhooks.Tap]:
-        taps = {f"{tap.role}|{tap.path}|{tap.kind}|{tap.policy}": tap for tap in self._distiller.taps
-                if tap.role == self.teacher_role and tap.kind != "param"}
-        if not hasattr(self, "_checked_spec"):
+        # built at the first step, once every term has declared its taps; they do not change after attach
+        if self._by_id is None:
+            taps = {f"{tap.role}|{tap.path}|{tap.kind}|{tap.policy}": tap for tap in self._distiller.taps
+                    if tap.role == self.teacher_role and tap.kind != "param"}
             self._check_spec(taps)
-        return taps
+            self._by_id = taps
+        return self._by_id
 
     def _check_spec(self, taps: dict[str, kdhooks.Tap]) -> None:
         grad = [tap.path for tap in taps.values() if tap.kind == "grad"]
@@ -310,7 +313,6 @@ class TeacherCache(kdhooks.Term):
                                           value=self.path, fix="use a new path for this config")
         else:
             _write_atomically(spec_path, json.dumps(spec))
-        self._checked_spec = True
 
     def _read_batch(self, keys: list[str], tap_id: str) -> Any:
         return _batched([_dense(self._read(key, tap_id)) for key in keys])

@@ -99,6 +99,7 @@ def stack_side_paths(model: nn.Module) -> dict[str, str]:
         try:
             module = getter() if callable(getter) else None
         except (AttributeError, NotImplementedError, TypeError):
+            # transformers' base get_encoder()/get_decoder() raise on models without that side: found by name below
             module = None
         if module is not None and id(module) in paths and paths[id(module)]:
             sides[side] = paths[id(module)]
