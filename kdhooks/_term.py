@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from ._taps import Tap
 
 
+# the hooks the core implements once for every term, with the term method each one calls
+_CORE_HOOKS = {"kdhooks_configure": "configure(self, distiller)", "kdhooks_build": "build(self, distiller, shapes)",
+               "kdhooks_losses": "loss(self, ctx, **captures)"}
+
+
 class Term(Options):
     """One configured loss term; a plugin subclasses it and fills its methods, never pluggy's hooks.
 
@@ -58,16 +63,14 @@ class Term(Options):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # the hooks the core implements for every term; a term may add the others (marked), e.g. a teacher cache
-        hooks = sorted(name for name in vars(cls) if name in ("kdhooks_configure", "kdhooks_build", "kdhooks_losses")
+        hooks = sorted(name for name in vars(cls) if name in _CORE_HOOKS
                        or (name.startswith("kdhooks_") and not hasattr(vars(cls)[name], "kdhooks_impl")))
-        core = [h for h in hooks if h in ("kdhooks_configure", "kdhooks_build", "kdhooks_losses")]
+        core = [h for h in hooks if h in _CORE_HOOKS]
         if core:
-            lifecycle = {"kdhooks_configure": "configure(self, distiller)", "kdhooks_build": "build(self, distiller, "
-                         "shapes)", "kdhooks_losses": "loss(self, ctx, **captures)"}
             raise TypeError(f"term class {cls.__module__}.{cls.__qualname__} defines {', '.join(core)}: these hooks "
                             f"are the core's for every term, and overriding one drops what the core does there "
                             f"(declaring its taps, checking shapes, weighting the loss)\n  fix: define "
-                            + " / ".join(lifecycle[h] for h in core))
+                            + " / ".join(_CORE_HOOKS[h] for h in core))
         if hooks:
             raise TypeError(f"term class {cls.__module__}.{cls.__qualname__} defines {', '.join(hooks)} without "
                             f"@kdhooks.hookimpl, so pluggy would ignore it\n  fix: put @kdhooks.hookimpl above it")
