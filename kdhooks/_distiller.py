@@ -211,7 +211,7 @@ class Distiller(nn.Module):
             self._recorder.keep_graph.add(Tap(tap.role, "", "output"))
             self.add_tap(Tap(tap.role, "", "output"), location)
         if tap.kind == "attention":
-            undo = use_eager_attention(model, location)
+            undo = use_eager_attention(model, location, tap.role)
             if undo is not None:
                 self._undo.append(undo)
 

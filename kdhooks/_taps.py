@@ -225,20 +225,24 @@ def to_dtype_shape_str(shape: Any) -> str:
     return str(shape)
 
 
-def use_eager_attention(model: nn.Module, location: str) -> Callable[[], None] | None:
-    """Switch a HF model to eager attention, the one that returns probabilities; returns the undo."""
+def use_eager_attention(model: nn.Module, location: str, role: str = "student") -> Callable[[], None] | None:
+    """Switch a HF model to eager attention, the one that returns probabilities; returns the undo.
+
+    The warning names the model by its role: with a teacher and a student of one
+    family, "this model" would not say which of the two changed."""
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current in (None, "eager"):
         return None
     cannot = ConfigError(location, f"attention taps need attention probabilities, which {current!r} "
-                         f"attention does not return, and this model cannot be switched to 'eager'",
+                         f"attention does not return, and the {role} cannot be switched to 'eager'",
                          value=current, fix="load the model with attn_implementation='eager'")
     if not hasattr(model, "set_attn_implementation"):
         raise cannot
-    warnings.warn(f"{location}: attention taps need attention probabilities, which "
-                  f"{current!r} attention does not return; switching this model to 'eager' "
-                  f"until close()", stacklevel=3)
+    who = "the student" if role == "student" else "the teacher" if role == "teacher" else f"the model {role!r}"
+    warnings.warn(f"{location}: attention taps need attention probabilities, which {current!r} attention does "
+                  f"not return; switching {who} ({type(model).__name__}) to 'eager' attention until close() "
+                  f"(load it with attn_implementation='eager' to silence this)", stacklevel=3)
     model.set_attn_implementation("eager")
     if getattr(model.config, "_attn_implementation", None) != "eager":
         # transformers only logs when a model does not support switching

@@ -188,3 +188,20 @@ def test_an_attention_tap_that_records_nothing_is_a_config_error_at_attach():
     with pytest.raises(kdhooks.ConfigError, match="returned no attention probabilities"):
         kdhooks.Distiller(student, teacher, {"terms": [AttentionProbe(name="probe")]},
                           example_inputs=torch.randn(2, 7, 6))
+
+
+def test_an_attention_tap_on_an_sdpa_model_switches_it_to_eager_and_names_which_model():
+    pytest.importorskip("transformers")
+    from _hf import tiny_bert
+
+    teacher, student = tiny_bert(2, 32, attn="sdpa"), tiny_bert(1, 16, attn="sdpa")
+    batch = {"input_ids": torch.randint(3, 40, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with kdhooks.Distiller(student, teacher, {}, example_inputs=batch) as kd:
+        with pytest.warns(UserWarning, match=r"switching the teacher \(BertForSequenceClassification\) to 'eager'"):
+            kd.add_tap(kdhooks.Tap("teacher", "bert.encoder.layer.0.attention.self", "attention"))
+        assert teacher.config._attn_implementation == "eager" and student.config._attn_implementation == "sdpa"
+        student.train()
+        student(**batch)
+        probabilities = kd.captures[kdhooks.Tap("teacher", "bert.encoder.layer.0.attention.self", "attention")]
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 2, 8))
+    assert teacher.config._attn_implementation == "sdpa"
