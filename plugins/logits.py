@@ -35,15 +35,9 @@ def check_logits(term: kdhooks.Term, shapes: dict[str, Any]) -> None:
         kdhooks.expect_same_classes(term, "student_logits", "teacher_logits", shapes)
 
 
-class KD(kdhooks.Term):
-    """Distilling the knowledge in a neural network (Hinton, Vinyals & Dean 2015).
+class _LogitsTerm(kdhooks.Term):
+    """A term on the student's and the teacher's logits; ``student``/``teacher`` say where each is read."""
 
-    T² · KL(softmax(t/T) ‖ softmax(s/T)), averaged over samples: RepDistiller's
-    ``DistillKL`` and mdistiller's ``kd_loss`` exactly, so their weights port
-    as they are (docs/conventions.md).
-    """
-
-    temperature: kdhooks.Positive = 4.0
     student: str = "logits"
     teacher: str = "logits"
 
@@ -54,6 +48,16 @@ class KD(kdhooks.Term):
     def check(self, shapes: dict[str, Any]) -> None:
         check_logits(self, shapes)
 
+
+class KD(_LogitsTerm):
+    """Distilling the knowledge in a neural network (Hinton, Vinyals & Dean 2015).
+
+    T² · KL(softmax(t/T) ‖ softmax(s/T)), averaged over samples: RepDistiller's
+    ``DistillKL`` and mdistiller's ``kd_loss`` exactly, so their weights port
+    as they are (docs/conventions.md).
+    """
+
+    temperature: kdhooks.Positive = 4.0
     def loss(self, ctx: kdhooks.LossContext, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, self.temperature)
@@ -91,7 +95,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     return (alpha * tckd + beta * nckd) * temperature**2
 
 
-class LogitsL2(kdhooks.Term):
+class LogitsL2(_LogitsTerm):
     """Do deep nets really need to be deep? (Ba & Caruana 2014): ||z_s − z_t||² on the logits.
 
     The mean over samples and classes; the paper's ½ Σ over classes (averaged
@@ -99,22 +103,12 @@ class LogitsL2(kdhooks.Term):
     (docs/conventions.md).
     """
 
-    student: str = "logits"
-    teacher: str = "logits"
-
-    def taps(self) -> dict[str, kdhooks.Tap]:
-        return {"student_logits": kdhooks.Tap("student", self.student),
-                "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
-
-    def check(self, shapes: dict[str, Any]) -> None:
-        check_logits(self, shapes)
-
     def loss(self, ctx: kdhooks.LossContext, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor) -> torch.Tensor:
         return logits_l2_loss(student_logits, teacher_logits)
 
 
-class DKD(kdhooks.Term):
+class DKD(_LogitsTerm):
     """Decoupled knowledge distillation (Zhao et al. 2022): min((step + 1)/warmup, 1) · (α·TCKD + β·NCKD).
 
     Defaults are the paper's CIFAR-100 ones (α = 1, β = 8, T = 4); it ramps the
@@ -126,16 +120,6 @@ class DKD(kdhooks.Term):
     beta: kdhooks.NonNegative = 8.0
     temperature: kdhooks.Positive = 4.0
     warmup: kdhooks.NonNegativeInt = 0
-    student: str = "logits"
-    teacher: str = "logits"
-
-    def taps(self) -> dict[str, kdhooks.Tap]:
-        return {"student_logits": kdhooks.Tap("student", self.student),
-                "teacher_logits": kdhooks.Tap("teacher", self.teacher)}
-
-    def check(self, shapes: dict[str, Any]) -> None:
-        check_logits(self, shapes)
-
     def loss(self, ctx: kdhooks.LossContext, student_logits: torch.Tensor,
              teacher_logits: torch.Tensor) -> torch.Tensor:
         if ctx.labels is None:
