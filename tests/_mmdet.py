@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +60,39 @@ def train(cfg):
     runner = Runner.from_cfg(cfg)
     runner.train()
     return runner
+
+
+def trained_teacher(name: str, work_dir: Path, data_root: Path, iters: int = 6) -> Path:
+    """A teacher trained briefly from example config ``name``: the path of its last checkpoint."""
+    train(small_config(name, work_dir, data_root, iters))
+    return work_dir / f"iter_{iters}.pth"
+
+
+def kd_config(name: str, teacher_ckpt: Path, work_dir: Path, data_root: Path, iters: int, **options):
+    """A distillation example config cut down like ``small_config``, its teacher loaded from ``teacher_ckpt``."""
+    cfg = small_config(name, work_dir, data_root, iters, **options)
+    cfg.model.teacher_ckpt = str(teacher_ckpt)
+    return cfg
+
+
+def logged(runner, name: str):
+    """The values the Runner logged for ``train/<name>``, one per iteration."""
+    import numpy as np
+
+    return np.asarray(runner.message_hub.log_scalars[f"train/{name}"].data[0])
+
+
+def two_process_ddp(cfg, folder: Path) -> list[dict]:
+    """``cfg`` trained by _mmdet_ddp_worker.py in two CPU processes (torchrun, gloo); what each rank reported."""
+    config = folder / "ddp_config.py"
+    cfg.dump(str(config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    worker = Path(__file__).with_name("_mmdet_ddp_worker.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                           f"--master_port={port}", str(worker), str(config), str(folder)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

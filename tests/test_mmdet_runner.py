@@ -3,18 +3,13 @@
 A ResNet-18 RetinaNet and a ResNet-18 GFL teacher are trained briefly once for
 the module; quarter-width students are distilled through ``Runner.train()``.
 """
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _mmdet import EXAMPLES, require_mmdet, shapes_module, small_config, train
+from _mmdet import (EXAMPLES, kd_config, logged, require_mmdet, shapes_module, small_config, train,
+                    trained_teacher, two_process_ddp)
 
 require_mmdet()
 
@@ -35,33 +30,17 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retinanet_teacher(shapes, tmp_path_factory):
-    work = tmp_path_factory.mktemp("retinanet_teacher")
-    train(small_config("retinanet_r18_shapes.py", work, shapes, iters=6))
-    return work / "iter_6.pth"
+    return trained_teacher("retinanet_r18_shapes.py", tmp_path_factory.mktemp("retinanet_teacher"), shapes)
 
 
 @pytest.fixture(scope="module")
 def gfl_teacher(shapes, tmp_path_factory):
-    work = tmp_path_factory.mktemp("gfl_teacher")
-    train(small_config("gfl_r18_shapes.py", work, shapes, iters=6))
-    return work / "iter_6.pth"
+    return trained_teacher("gfl_r18_shapes.py", tmp_path_factory.mktemp("gfl_teacher"), shapes)
 
 
 @pytest.fixture(scope="module")
 def atss_teacher(shapes, tmp_path_factory):
-    work = tmp_path_factory.mktemp("atss_teacher")
-    train(small_config("atss_r18_shapes.py", work, shapes, iters=6))
-    return work / "iter_6.pth"
-
-
-def kd_config(name, teacher_ckpt, work_dir, shapes, iters, **options):
-    cfg = small_config(name, work_dir, shapes, iters, **options)
-    cfg.model.teacher_ckpt = str(teacher_ckpt)
-    return cfg
-
-
-def logged(runner, name):
-    return np.asarray(runner.message_hub.log_scalars[f"train/{name}"].data[0])
+    return trained_teacher("atss_r18_shapes.py", tmp_path_factory.mktemp("atss_teacher"), shapes)
 
 
 class ResumedState(Hook):
@@ -152,18 +131,7 @@ def test_ld_on_a_gfl_pair(shapes, gfl_teacher, tmp_path):
 
 def test_two_process_cpu_ddp_trains_with_connectors_in_sync(shapes, retinanet_teacher, tmp_path):
     cfg = kd_config("kd_retinanet_shapes.py", retinanet_teacher, tmp_path / "ddp", shapes, iters=3, batch_size=2)
-    config = tmp_path / "ddp_config.py"
-    cfg.dump(str(config))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    worker = Path(__file__).with_name("_mmdet_ddp_worker.py")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                           f"--master_port={port}", str(worker), str(config), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = two_process_ddp(cfg, tmp_path)
     for rank in ranks:
         assert rank["wrapper"] == "MMDistributedDataParallel" and rank["find_unused_parameters"] is False
         assert (rank["iter"], rank["step"]) == (3, 3)

@@ -4,18 +4,12 @@ A ResNet-18 Faster R-CNN teacher is trained briefly once for the module; a
 quarter-width Faster R-CNN learns from it on both stages (Chen et al. 2017,
 Wang et al. 2019), and a quarter-width RetinaNet imitates its FPN.
 """
-import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _mmdet import require_mmdet, shapes_module, small_config, train
+from _mmdet import kd_config, logged, require_mmdet, shapes_module, train, trained_teacher, two_process_ddp
 
 require_mmdet()
 
@@ -35,19 +29,7 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def faster_rcnn_teacher(shapes, tmp_path_factory):
-    work = tmp_path_factory.mktemp("faster_rcnn_teacher")
-    train(small_config("faster_rcnn_r18_shapes.py", work, shapes, iters=6))
-    return work / "iter_6.pth"
-
-
-def kd_config(name, teacher_ckpt, work_dir, shapes, iters, **options):
-    cfg = small_config(name, work_dir, shapes, iters, **options)
-    cfg.model.teacher_ckpt = str(teacher_ckpt)
-    return cfg
-
-
-def logged(runner, name):
-    return np.asarray(runner.message_hub.log_scalars[f"train/{name}"].data[0])
+    return trained_teacher("faster_rcnn_r18_shapes.py", tmp_path_factory.mktemp("faster_rcnn_teacher"), shapes)
 
 
 def test_faster_rcnn_student_distilled_on_both_stages_resumed_exported_and_evaluated(shapes, faster_rcnn_teacher,
@@ -118,18 +100,7 @@ def test_retinanet_student_imitates_a_faster_rcnn_teacher(shapes, faster_rcnn_te
 def test_two_process_cpu_ddp_trains_a_faster_rcnn_student_with_connectors_in_sync(shapes, faster_rcnn_teacher,
                                                                                    tmp_path):
     cfg = kd_config("kd_faster_rcnn_shapes.py", faster_rcnn_teacher, tmp_path / "ddp", shapes, iters=3, batch_size=2)
-    config = tmp_path / "ddp_config.py"
-    cfg.dump(str(config))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    worker = Path(__file__).with_name("_mmdet_ddp_worker.py")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                           f"--master_port={port}", str(worker), str(config), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = two_process_ddp(cfg, tmp_path)
     for rank in ranks:
         assert rank["find_unused_parameters"] is False and (rank["iter"], rank["step"]) == (3, 3)
         assert rank["losses"] == sorted(f"train/loss_kd_{t}" for t in TERMS)
