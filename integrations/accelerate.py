@@ -379,6 +379,8 @@ class _Updates:
         self.meter = kdhooks.LossMeter()
 
     def __call__(self, distiller: kdhooks.Distiller, args: tuple, output: Any) -> None:
+        if distiller.is_evaluating:
+            return  # kd(...) inside kd.evaluating(): not an update, nothing to log as training
         if self.accelerator.trackers:  # only the main process has trackers: no host sync elsewhere
             self.meter.add(distiller)
         if not self.accelerator.sync_gradients:

@@ -11,6 +11,7 @@ from ._context import LossContext
 from ._distiller import Distiller, attached
 from ._errors import ConfigError, LossError, PluginError, did_you_mean
 from ._meter import LossMeter
+from ._on_policy import OnPolicy
 from ._options import Finite, NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval
 from ._recorder import Recorded, model_hook
 from ._registry import Registry
@@ -31,6 +32,7 @@ __all__ = [
     "LossMeter",
     "NonNegative",
     "NonNegativeInt",
+    "OnPolicy",
     "PluginError",
     "Positive",
     "PositiveInt",

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._errors import ConfigError, did_you_mean
+from ._on_policy import OnPolicy, on_policy_options
 from ._options import Finite
 from ._registry import Registry
 from ._schedule import Schedule, is_schedule_spec, parse_schedule
@@ -26,6 +27,8 @@ class DistillConfig(BaseModel):
     terms: list[dict[str, Any] | Term] = Field(default_factory=list)
     plugins: list[str] = Field(default_factory=list)
     disable_plugins: list[str] = Field(default_factory=list)
+    # read by the integration that generates (kdhooks.integrations.hf); validated as OnPolicy in load_config
+    on_policy: dict[str, Any] | OnPolicy | None = None
 
 
 def load_config(source: str | os.PathLike | dict | DistillConfig | None) -> DistillConfig:
@@ -33,7 +36,7 @@ def load_config(source: str | os.PathLike | dict | DistillConfig | None) -> Dist
     if source is None:
         return DistillConfig()
     if isinstance(source, DistillConfig):
-        return source
+        return _with_on_policy(source)
     origin = "config"
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -55,7 +58,7 @@ def load_config(source: str | os.PathLike | dict | DistillConfig | None) -> Dist
             raise ConfigError(origin, "a config is a mapping with `terms:`", value=source,
                               fix="write `terms: [{kind: kd, weight: 1}]`")
     try:
-        return DistillConfig.model_validate(source)
+        config = DistillConfig.model_validate(source)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("dict[", "float", "Term", "is-instance")))
@@ -68,6 +71,13 @@ def load_config(source: str | os.PathLike | dict | DistillConfig | None) -> Dist
         expected, fix = _TOP_LEVEL.get(key, (first["msg"], "see the README's config reference"))
         raise ConfigError(where or key or origin, f"{key} must be {expected}, got {first.get('input')!r}",
                           value=first.get("input"), fix=fix) from None
+    return _with_on_policy(config)
+
+
+def _with_on_policy(config: DistillConfig) -> DistillConfig:
+    """The config with its ``on_policy`` mapping validated into OnPolicy (a typo names the closest option)."""
+    config.on_policy = on_policy_options(config.on_policy)
+    return config
 
 
 # what each top-level key takes, for the message when pydantic rejects its value (a union's errors say little)
@@ -78,6 +88,8 @@ _TOP_LEVEL = {
     "terms": ("a list of terms", "write `terms: [{kind: kd, temperature: 4}]`"),
     "plugins": ("a list of plugin names", "write `plugins: [name, ...]` (see `kdhooks plugins`)"),
     "disable_plugins": ("a list of plugin names", "write `disable_plugins: [name, ...]` (see `kdhooks plugins`)"),
+    "on_policy": ("a mapping of on-policy distillation options (GKD)",
+                  "write `on_policy: {lmbda: 0.5, max_new_tokens: 64, temperature: 0.9}`"),
 }
 
 

@@ -19,14 +19,22 @@ def default_teacher_loss(teacher_output: Any, extras: dict[str, Any]) -> torch.T
 
 
 class LossContext:
-    """Captures by tap, plus ``task_loss``, ``extras`` (e.g. ``labels``) and ``step``."""
+    """Captures by tap, plus ``task_loss``, ``extras`` (e.g. ``labels``) and ``step``.
 
-    def __init__(self, distiller: Distiller, task_loss: torch.Tensor | None, extras: dict[str, Any]):
+    ``evaluating`` is True inside ``Distiller.evaluating()``: the values are
+    reported, not trained on, and a term keeps no state from them.
+    """
+
+    def __init__(self, distiller: Distiller, task_loss: torch.Tensor | None, extras: dict[str, Any],
+                 evaluating: bool = False):
         self.distiller = distiller
         self.task_loss = task_loss
         self.extras = extras
         self.step = distiller.step
+        self.evaluating = evaluating
         self._grads: dict[Tap, torch.Tensor] = {}
+        # each term's value before its weight, by part name (the core's Term fills it)
+        self._raw: dict[str, torch.Tensor] = {}
 
     @property
     def labels(self) -> Any:

@@ -1,6 +1,7 @@
 """The Distiller: attaches to a student and its teachers, returns the distillation loss."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import operator
@@ -9,7 +10,7 @@ import sys
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +72,12 @@ class Distiller(nn.Module):
         self.parts = nn.ModuleDict()
         self.peers = nn.ModuleDict()
         # per-step state lives in a plain dict: nn.Module.__setattr__ is too slow for every step
-        self._now: dict[str, Any] = {"step": 0, "task_weight": 1.0, "losses": {}, "metrics": {}}
+        self._now: dict[str, Any] = {"step": 0, "task_weight": 1.0, "losses": {}, "raw_losses": {}, "metrics": {}}
         # an integration whose loop owns the step count (micro-batches of one update share a step) sets False
         self.counts_steps = True
+        # the loop that generates the batches of the config's `on_policy:` sets True (the HF adapter does); a
+        # config asking for them in a loop that does not would otherwise train off-policy without a word
+        self.applies_on_policy = False
         self.teacher_loss = teacher_loss or default_teacher_loss
         self._models: dict[str, _Model] = {}
         self._taps: dict[Tap, str] = {}
@@ -86,6 +90,7 @@ class Distiller(nn.Module):
         self._active_roles: list[str] = []
         self._installed = False
         self._dry = False
+        self._evaluating = False
         self._closed = False
         self._pm = None
         self._student_ref: weakref.ref[nn.Module] | None = None
@@ -315,6 +320,57 @@ class Distiller(nn.Module):
         return {name: float(value) for name, value in self._now["losses"].items()}
 
     @property
+    def last_raw_losses(self) -> dict[str, float]:
+        """Each term's value in the last loss before its weight, as a float (``last_losses`` holds it weighted).
+
+        A term whose weight is 0 at that step is not computed, so it is absent here.
+        """
+        return {name: float(value) for name, value in self._now["raw_losses"].items()}
+
+    @property
+    def is_evaluating(self) -> bool:
+        """Whether this Distiller is inside ``evaluating()``."""
+        return self._evaluating
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[Distiller]:
+        """Evaluate the terms on held-out batches without training on them or changing the training state.
+
+        ``with kd.evaluating(): out = student(x); parts = kd.loss_parts(task_loss(out, y), labels=y)``.
+        Inside, the student's forwards are recorded in eval mode as well and the
+        teachers and peers run on them (in the student's mode, without grad);
+        ``kd(...)`` and ``loss_parts(...)`` return the terms' values at the current
+        step, and ``last_losses`` / ``last_raw_losses`` hold them. The step does not
+        advance and ``kdhooks_step_end`` is not called, so plugins' state (the NaN
+        guard, caches, anything updated at the step's end) stays as it was; the
+        connectors and parts are in eval mode. A term that cannot be evaluated
+        (``grad`` taps, which need a backward through the inputs; a
+        ``not_evaluable`` term) is left out, with a warning once. On exit, after
+        an error too, the training state is back: the step, the last losses and
+        metrics, the modes, and the captures of a training forward not yet given to ``kd(...)``.
+        """
+        if self._closed:
+            raise RuntimeError("this Distiller is closed: its hooks are removed")
+        if self._evaluating:
+            yield self  # nested: the outer one restores
+            return
+        saved_now = dict(self._now)
+        saved_captures = self._recorder.set_aside()
+        modes = {**training_modes(self.connectors), **training_modes(self.parts)}
+        self._evaluating = True
+        try:
+            self.connectors.eval()
+            self.parts.eval()
+            yield self
+        finally:
+            self._evaluating = False
+            restore_modes(modes)
+            self._recorder.put_back(saved_captures)
+            self._now.clear()
+            self._now.update(saved_now)
+            self._set_step_values()  # the terms' scheduled options at the restored step
+
+    @property
     def last_metrics(self) -> dict[str, Any]:
         """Metrics the terms logged on the last step (``ctx.log``), not part of the loss."""
         return self._now["metrics"]
@@ -335,9 +391,16 @@ class Distiller(nn.Module):
               extras: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if self._closed:
             raise RuntimeError("this Distiller is closed: its hooks are removed")
+        if self.config.on_policy is not None and not self.applies_on_policy:
+            raise ConfigError("on_policy", "the config asks for on-policy distillation (batches the student "
+                              "generates), and the loop calling this Distiller does not generate them",
+                              fix="train with kdhooks.integrations.hf (DistillationTrainer or with_distillation), "
+                              "or remove `on_policy:`; a loop of your own that generates with kdhooks.OnPolicy's "
+                              "helpers sets kd.applies_on_policy = True")
         self._set_step_values()
         self._now["metrics"] = {}
-        ctx = LossContext(self, task_loss, extras)
+        evaluating = self._evaluating
+        ctx = LossContext(self, task_loss, extras, evaluating=evaluating)
         try:
             self._recorder.merged()
             results = self._pm.hook.kdhooks_losses(ctx=ctx)
@@ -360,6 +423,9 @@ class Distiller(nn.Module):
         losses = {name: value.detach() for name, value in parts.items()}
         losses["total"] = total.detach()
         self._now["losses"] = losses
+        self._now["raw_losses"] = {name: value.detach() for name, value in ctx._raw.items()}
+        if evaluating:
+            return parts, total  # values only: no step's end for plugins, no step advanced
         self._pm.hook.kdhooks_step_end(distiller=self, losses=dict(losses))
         if self.counts_steps:
             self._now["step"] += 1
@@ -390,7 +456,7 @@ class Distiller(nn.Module):
         if torch._C._current_graph_task_id() != -1:
             # a forward inside backward: activation checkpointing recomputing a segment, not a new step
             return
-        recording = self.student.training or self._dry
+        recording = self.student.training or self._dry or self._evaluating
         self._recorder.recording["student"] = recording
         if not recording:
             return
@@ -408,11 +474,12 @@ class Distiller(nn.Module):
             if model.module.training != self.student.training:
                 # only when the root's mode differs: a submodule the user froze in eval stays so
                 model.module.train(self.student.training)
-            grad = torch.is_grad_enabled() and not self._dry
+            grad = torch.is_grad_enabled() and not self._dry and not self._evaluating
         else:
             if model.module.training:
                 model.module.eval()
-            grad = model.needs_grad and not self._dry
+            # evaluation leaves out the terms with gradient taps: no teacher backward to prepare for
+            grad = model.needs_grad and not self._dry and not self._evaluating
         self._recorder.recording[role] = True
         self._recorder.with_grad[role] = grad
         try:

@@ -336,6 +336,22 @@ class Recorder:
             return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
         return hook
 
+    def set_aside(self) -> tuple:
+        """Take out the captures of the forwards so far (a training step not yet given to kd(...)), and start
+        empty; ``put_back`` restores them. Evaluation records its own batches in between."""
+        state = (self.captures, self.versions, self.no_graph, self.earlier, self.empty_forwards, self.started,
+                 dict(self.recording), dict(self.with_grad))
+        self.captures, self.versions, self.no_graph, self.earlier = {}, {}, set(), []
+        self.empty_forwards, self.started = 0, False
+        return state
+
+    def put_back(self, state: tuple) -> None:
+        (self.captures, self.versions, self.no_graph, self.earlier, self.empty_forwards, self.started,
+         recording, with_grad) = state
+        for flags, saved in ((self.recording, recording), (self.with_grad, with_grad)):
+            flags.clear()
+            flags.update(saved)
+
     def clear(self) -> None:
         self.captures.clear()
         self.versions.clear()

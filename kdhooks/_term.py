@@ -51,6 +51,9 @@ class Term(Options):
     kind: ClassVar[str] = ""
     # a term whose loss() reads a list of every call's capture per tap (`calls: all`) says so
     takes_all_calls: ClassVar[bool] = False
+    # why loss() cannot run under Distiller.evaluating() (what it reads exists only in training forwards);
+    # empty: it can. Such a term is left out of evaluation with a note. Terms with `grad` taps are left out anyway.
+    not_evaluable: ClassVar[str] = ""
     name: str = ""
     weight: Finite = 1.0
     teacher_role: str = "teacher"
@@ -129,6 +132,7 @@ class Term(Options):
         self.set_step(distiller.step)
         self._checked = False
         self._warned_detached = False
+        self._noted_not_evaluated = False
         if self.teacher_role != "teacher" and self.teacher_role not in distiller.roles:
             raise ConfigError(f"{self.location}.teacher_role", f"no teacher is attached as {self.teacher_role!r}",
                               value=self.teacher_role, fix=did_you_mean(self.teacher_role, distiller.roles)
@@ -183,6 +187,8 @@ class Term(Options):
         if self.weight == 0:
             # switched off by its schedule: keep its parameters in the graph for DDP, cheaply
             return {self.name: ctx.distiller.zero_touching(self.name)}
+        if ctx.evaluating and self._left_out_of_evaluation():
+            return {}
         if self._extras and not self._extras <= ctx.extras.keys():
             missing = sorted(self._extras - ctx.extras.keys())
             raise LossError(self.name, ctx.step, problem=f"the step's extras have no {', '.join(map(repr, missing))}, "
@@ -201,12 +207,25 @@ class Term(Options):
                                f"{ctx.distiller.plugin_of(self)})")
             raise
         if isinstance(value, dict):
-            for part, v in value.items():
-                self._check_value(ctx, v, captures, f"{self.name}.{part}" if part else self.name)
-            return {f"{self.name}.{part}" if part else self.name: _weighted(self.weight, v)
-                    for part, v in value.items()}
-        self._check_value(ctx, value, captures, self.name)
-        return {self.name: _weighted(self.weight, value)}
+            named = {f"{self.name}.{part}" if part else self.name: v for part, v in value.items()}
+            for name, v in named.items():
+                self._check_value(ctx, v, captures, name)
+        else:
+            self._check_value(ctx, value, captures, self.name)
+            named = {self.name: value}
+        ctx._raw.update(named)
+        return {name: _weighted(self.weight, v) for name, v in named.items()}
+
+    def _left_out_of_evaluation(self) -> bool:
+        """Whether loss() cannot run in evaluation; says why once (a warning) when so."""
+        grads = [f"the {tap.role}'s {tap.path or 'input'}" for tap in self._taps.values() if tap.kind == "grad"]
+        reason = (f"it reads gradients (dL/dx) at {' and '.join(grads)}, which need a backward pass through the "
+                  f"inputs that evaluation does not run" if grads else self.not_evaluable)
+        if reason and not self._noted_not_evaluated:
+            self._noted_not_evaluated = True
+            warnings.warn(f"loss term {self.name!r} (kind {self.kind!r}) is left out of evaluation: {reason}; "
+                          f"the evaluated losses omit it", UserWarning, stacklevel=2)
+        return bool(reason)
 
     def _check_value(self, ctx: LossContext, value: Any, captures: dict[str, Any], part: str) -> None:
         if not isinstance(value, torch.Tensor) or value.dim() != 0:

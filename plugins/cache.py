@@ -233,6 +233,8 @@ class TeacherCache(kdhooks.Term):
             self._entries.update({k: tuple(v) for k, v in data["entries"].items()})
 
     def loss(self, ctx: kdhooks.LossContext) -> dict[str, torch.Tensor]:
+        if ctx.evaluating:
+            return {}  # adds no loss, and its bookkeeping is the training steps'
         taps = self._teacher_taps()
         served = all(self._served) if self._served else True
         if self._keys and not served:
@@ -259,8 +261,10 @@ class TeacherCache(kdhooks.Term):
     @kdhooks.hookimpl
     def kdhooks_teacher_forward(self, distiller: kdhooks.Distiller, role: str, args: tuple,
                                 kwargs: dict) -> Any:
-        if role != self.teacher_role or not distiller.student.training:
-            return None  # another teacher, or the dry pass (which runs the models in eval mode)
+        if role != self.teacher_role or not distiller.student.training or distiller.is_evaluating:
+            # another teacher, the dry pass (which runs the models in eval mode), or evaluation: the teacher runs,
+            # and held-out samples are neither served nor stored
+            return None
         keys = sample_keys(args, kwargs)
         if keys is None:
             raise kdhooks.ConfigError(self.location, "the teacher's inputs have no tensor with a batch dimension, "

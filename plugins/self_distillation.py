@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,8 @@ class OnTheFlyNativeEnsemble(kdhooks.Term):
     (``one.kd``). In eval mode the model is branch 0 alone, or the gated
     ensemble with ``inference: ensemble``; after ``close()`` it is branch 0.
     """
+
+    not_evaluable: ClassVar[str] = "its branches run only in training forwards of the student"
 
     split: str
     heads: list[str]

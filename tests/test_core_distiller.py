@@ -298,3 +298,167 @@ def test_several_teachers_each_term_reading_its_own():
         kdhooks.Distiller(student, {"wide": wide, "other": other}, config, example_inputs=x[:2])
     assert error.value.location == "terms[0].teacher_role" and "'wide'" in str(error.value)
     assert hook_count(student) == hook_count(wide) == hook_count(other) == 0
+
+
+# --- evaluation (issue #13) ---------------------------------------------------------------------
+
+
+def train_steps(student, kd, x, y, steps, evaluate_between=None):
+    """Losses of ``steps`` SGD steps; ``evaluate_between(kd)`` runs after each step."""
+    optimizer = torch.optim.SGD([*student.parameters(), *kd.parameters()], lr=0.1)
+    losses = []
+    for _ in range(steps):
+        student.train()
+        loss = kd(F.cross_entropy(student(x), y), labels=y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if evaluate_between is not None:
+            evaluate_between(kd)
+    return losses
+
+
+def test_evaluating_gives_the_terms_on_eval_batches_without_changing_training():
+    x, y = batch(16)
+    x_eval, y_eval = x.flip(0) * 0.5, y.flip(0)
+    student, teacher = pair()
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        plain = train_steps(student, kd, x, y, 3)
+    measured = []
+
+    def evaluate(kd):
+        last, step = kd.last_losses, kd.step
+        kd.student.eval()
+        with torch.no_grad(), kd.evaluating():
+            assert kd.is_evaluating and not kd.connectors.training
+            logits = kd.student(x_eval)
+            total = kd(F.cross_entropy(logits, y_eval), labels=y_eval)
+            by_hand = kd_loss(logits, teacher(x_eval), 4.0).item()
+            assert kd.last_raw_losses["kd"] == pytest.approx(by_hand, rel=1e-5)
+            assert kd.last_losses["kd"] == pytest.approx(0.5 * by_hand, rel=1e-5)
+            assert kd.last_losses["fitnets"] == pytest.approx(2.0 * kd.last_raw_losses["fitnets"], rel=1e-6)
+            assert total.item() == pytest.approx(sum(v for k, v in kd.last_losses.items() if k != "total"), rel=1e-6)
+            assert kd.step == step
+            measured.append(kd.last_losses)
+        assert not kd.is_evaluating and kd.connectors.training
+        assert kd.step == step and kd.last_losses == last  # the training step's state is back
+
+    student, teacher = pair()
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        assert train_steps(student, kd, x, y, 3, evaluate_between=evaluate) == plain
+    assert len(measured) == 3 and measured[0] != measured[-1]
+
+
+def test_evaluation_skips_the_step_end_and_keeps_a_training_forward_waiting_for_its_loss():
+    x, y = batch(16)
+    student, teacher = pair()
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        student.train()
+        expected = kd(F.cross_entropy(student(x), y), labels=y).item()
+        kd.step = 0
+        logits = student(x)  # a training forward: its loss is asked for after the evaluation below
+        student.eval()
+        with torch.no_grad(), kd.evaluating():
+            student(x * float("nan"))
+            nan = kd(torch.tensor(0.0))  # the NaN guard is a step-end hook: evaluation reports, never raises
+            assert torch.isnan(nan)
+        student.train()
+        assert kd(F.cross_entropy(logits, y), labels=y).item() == pytest.approx(expected, rel=1e-6)
+        assert kd.step == 1
+
+
+def test_a_failure_inside_evaluating_leaves_the_distiller_ready_to_train():
+    x, y = batch(16)
+    student, teacher = pair()
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        plain = train_steps(student, kd, x, y, 2)
+    student, teacher = pair()
+    with kdhooks.Distiller(student, teacher, KD_FITNETS, example_inputs=x[:2]) as kd:
+        first = train_steps(student, kd, x, y, 1)
+        with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), kd.evaluating():
+            student.eval()
+            student(x)
+            raise RuntimeError("boom")
+        with pytest.raises(kdhooks.LossError, match="cannot be concatenated"), torch.no_grad(), kd.evaluating():
+            student(x)
+            kd(F.cross_entropy(student(x[..., :4]), y), labels=y)  # two forwards whose features differ in size
+        assert not kd.is_evaluating and kd.step == 1 and not kd.captures and kd.connectors.training
+        assert first + train_steps(student, kd, x, y, 1) == plain
+
+
+def test_terms_that_cannot_be_evaluated_are_left_out_with_one_note():
+    x, y = batch(16)
+    student, teacher = pair()
+    config = {"terms": [{"kind": "kd"}, {"kind": "grad_at", "student": "", "teacher": ""},
+                        {"kind": "fitnets", "student": "stage2", "teacher": "stage2",
+                         "weight": {"schedule": "step", "milestones": [1], "values": [0.0, 1.0]}}]}
+    with kdhooks.Distiller(student, teacher, config, example_inputs=x[:2]) as kd:
+        student.train()
+        kd(F.cross_entropy(student(x), y), labels=y).backward()
+        assert "grad_at" in kd.last_raw_losses and "fitnets" not in kd.last_raw_losses  # weight 0: not computed
+        student.eval()
+        with pytest.warns(UserWarning, match=r"'grad_at' .* left out of evaluation: it reads gradients "
+                                             r"\(dL/dx\) at the student's input and the teacher's input") as notes:
+            for _ in range(2):
+                with torch.no_grad(), kd.evaluating():
+                    parts = kd.loss_parts(F.cross_entropy(student(x), y), labels=y)
+                    raw = kd.last_raw_losses
+        assert len([n for n in notes if "left out of evaluation" in str(n.message)]) == 1
+        assert set(parts) == {"task", "kd", "fitnets"} and set(raw) == {"kd", "fitnets"}  # at step 1: weight 1
+        student.train()
+        kd(F.cross_entropy(student(x), y), labels=y)
+        assert {"grad_at", "fitnets"} <= set(kd.last_raw_losses)
+
+
+def test_teacher_cache_in_evaluation_runs_the_teacher_and_stores_nothing(tmp_path):
+    x, y = batch(16)
+    student, teacher = pair()
+    runs = []
+    teacher.register_forward_hook(lambda module, args, output: runs.append(True))
+    config = {"terms": [{"kind": "kd"}, {"kind": "teacher_cache", "path": str(tmp_path)}]}
+    with kdhooks.Distiller(student, teacher, config, example_inputs=x[:2]) as kd:
+        for _ in range(2):
+            student.train()
+            kd(F.cross_entropy(student(x), y), labels=y)
+        assert len(runs) == 2 and kd.last_metrics["teacher_cache.hit_rate"] == 1.0  # dry pass, epoch 1
+        samples, metrics = kd.last_metrics["teacher_cache.samples"], dict(kd.last_metrics)
+        student.eval()
+        with torch.no_grad(), kd.evaluating():
+            logits = student(x)
+            kd(F.cross_entropy(logits, y), labels=y)
+            assert kd.last_raw_losses["kd"] == pytest.approx(kd_loss(logits, teacher(x), 4.0).item(), rel=1e-5)
+        assert len(runs) == 4  # the teacher ran on the eval batch (and once by hand)
+        assert kd.last_metrics == metrics
+        student.train()
+        kd(F.cross_entropy(student(x), y), labels=y)
+        assert kd.last_metrics["teacher_cache.samples"] == samples and len(runs) == 4  # served, nothing new stored
+
+
+def test_a_not_evaluable_term_is_left_out_and_still_trains():
+    x, y = batch(16)
+    student, teacher = pair()
+    config = {"terms": [{"kind": "one", "split": "stage2", "heads": ["stage3", "fc"], "branches": 2}]}
+    with kdhooks.Distiller(student, None, config, example_inputs=x[:2]) as kd:
+        student.eval()
+        with pytest.warns(UserWarning, match="'one' .* left out of evaluation: its branches run only in training"):
+            with torch.no_grad(), kd.evaluating():
+                assert set(kd.loss_parts(F.cross_entropy(student(x), y), labels=y)) == {"task"}
+        student.train()
+        kd(F.cross_entropy(student(x), y), labels=y)
+        assert set(kd.last_raw_losses) == {"one.ce", "one.kd"}
+
+
+def test_on_policy_in_a_loop_that_does_not_generate_is_an_error_not_off_policy_training():
+    student, teacher = pair()
+    x, y = batch()
+    config = {"on_policy": {"lmbda": 1.0}, "terms": [{"kind": "kd"}]}
+    with kdhooks.Distiller(student, teacher, config, example_inputs=x[:2]) as kd:
+        student.train()
+        out = student(x)
+        with pytest.raises(kdhooks.ConfigError, match="does not generate them") as error:
+            kd(F.cross_entropy(out, y), labels=y)
+        assert error.value.location == "on_policy" and "applies_on_policy" in error.value.fix
+        kd.applies_on_policy = True  # a loop that generates the batches itself says so
+        out = student(x)
+        assert kd(F.cross_entropy(out, y), labels=y).requires_grad
