@@ -366,7 +366,8 @@ def _give_back_parameters(held: list, distiller: kdhooks.Distiller) -> None:
 
 
 class _Updates:
-    """A forward hook on the Distiller: its step counts optimizer updates; their losses go to the trackers.
+    """A forward hook on the Distiller: its step counts optimizer updates; their losses go to the trackers
+    (``<prefix><part>`` as added to the loss, ``<prefix>_raw/<term>`` before the term's weight).
 
     Inside ``accelerator.accumulate`` only the micro-batch that ends an update
     (``accelerator.sync_gradients``) advances the step, so schedules run in
@@ -376,6 +377,8 @@ class _Updates:
     def __init__(self, accelerator: Accelerator, prefix: str):
         self.accelerator = accelerator
         self.prefix = prefix
+        # each term before its weight: `kd/` → `kd_raw/` (as the HF adapter's distill/ → distill_raw/)
+        self.raw_prefix = f"{prefix[:-1]}_raw/" if prefix.endswith("/") else f"{prefix}raw_"
         self.meter = kdhooks.LossMeter()
 
     def __call__(self, distiller: kdhooks.Distiller, args: tuple, output: Any) -> None:
@@ -387,8 +390,9 @@ class _Updates:
             return  # the update is not finished: its micro-batches share one step
         distiller.step += 1
         if self.meter.steps:
-            self.accelerator.log({self.prefix + name: mean for name, mean in self.meter.means().items()},
-                                 step=distiller.step)
+            logs = {self.prefix + name: mean for name, mean in self.meter.means().items()}
+            logs.update({self.raw_prefix + name: mean for name, mean in self.meter.raw_means().items()})
+            self.accelerator.log(logs, step=distiller.step)
         self.meter.reset()
 
 

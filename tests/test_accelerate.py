@@ -153,9 +153,12 @@ def test_per_term_losses_go_to_accelerator_log_once_per_update(fp32):
         logged = fp32[0][scenario]["logged"]
         assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
         for entry in logged:
-            assert set(entry) == {"step", "kd/task", "kd/kd", "kd/fitnets", "kd/total"}
+            assert set(entry) == {"step", "kd/task", "kd/kd", "kd/fitnets", "kd/total", "kd_raw/kd", "kd_raw/fitnets"}
             parts = entry["kd/task"] + entry["kd/kd"] + entry["kd/fitnets"]
             assert abs(parts - entry["kd/total"]) < 1e-5
+            # the config's weights: kd 0.5, fitnets 2.0
+            assert entry["kd/kd"] == pytest.approx(0.5 * entry["kd_raw/kd"], rel=1e-6)
+            assert entry["kd/fitnets"] == pytest.approx(2.0 * entry["kd_raw/fitnets"], rel=1e-6)
         assert fp32[1][scenario]["logged"] == []  # trackers live on the main process only
 
 
