@@ -1,11 +1,23 @@
 """Token-level divergences between a teacher's and a student's next-token distributions, in chunks.
 
-The (tokens × vocab) probability tensors are formed one chunk of tokens at a
-time, in forward and in backward: a custom autograd Function computes each
-chunk's loss and its gradient in the same pass (as fused linear–cross-entropy
-kernels do) and keeps only the gradient of its inputs. Given the final hidden
-states and the output layer (``LinearHead``) instead of logits, not even the
-logits exist in full.
+``lm_kd_loss`` is a fused linear loss (as in the fused linear–cross-entropy
+kernels of Wijmans et al. 2024 "Cut Your Losses", Liger-Kernel's fused linear
+losses): it walks the tokens a chunk at a time, forms the chunk's logits (from
+the output layer, ``LinearHead``, or from given logits), and writes the
+gradient of the divergence with respect to them in closed form into the same
+buffer, in the forward pass. With z = s/T, q = softmax(z), p = softmax(t/T):
+
+    forward KL   ∂D/∂z = q − p
+    reverse KL   ∂D/∂z = q ⊙ (log q − log p − KL(q‖p))
+    JSD(β)       ∂D/∂z = q ⊙ (g − Σ q g),  g = (1−β)·log(q/m),  m = βp + (1−β)q
+    TV           ∂D/∂z = q ⊙ (g − Σ q g),  g = ½·sign(q − p)
+
+From the output layer that gradient is pushed at once into the hidden states
+(dz·W) and the weight (dzᵀ·h), so no (tokens × vocab) tensor exists and no
+autograd graph is built; the backward pass only scales the stored gradients.
+What is held above the gradients: the chunk's student and teacher logits (the
+first becoming its gradient) and a few small blocks of scratch; from logits,
+the logits' gradient itself is the buffer the student's rows are written into.
 """
 from __future__ import annotations
 
@@ -17,6 +29,8 @@ import torch.nn.functional as F
 
 # log-probabilities are floored here: a zero probability then adds 0·(finite) to a sum, never nan
 LOG_FLOOR = -1e30
+# values per block of rows in the divergence's passes (4 MiB in float32): its few buffers stay in cache
+BLOCK_ELEMENTS = 2**20
 
 
 class LinearHead(NamedTuple):
@@ -120,53 +134,223 @@ def _flat(side: torch.Tensor | LinearHead) -> torch.Tensor | LinearHead:
     return side.reshape(-1, side.shape[-1])
 
 
-class _ChunkedDivergence(torch.autograd.Function):
-    """Σ_tokens weight · D(teacher, student), a chunk of tokens at a time; the gradient is formed on the way."""
+def _float32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor in float32, converted once (outside the chunk loop) and only when it is not already."""
+    return tensor if tensor is None or tensor.dtype == torch.float32 else tensor.float()
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a·b for every row, without the (rows × vocab) product in memory."""
+    return torch.einsum("ij,ij->i", a, b)
+
+
+def _log_softmax_(logits: torch.Tensor, log_probs: torch.Tensor) -> None:
+    """``log_probs`` ← log-softmax of ``logits`` (already divided by T), floored; ``logits`` ← softmax."""
+    torch._log_softmax(logits, -1, False, out=log_probs)  # one fused pass, as F.log_softmax, into a given buffer
+    torch.exp(log_probs.clamp_min_(LOG_FLOOR), out=logits)
+
+
+def _through_softmax_(g: torch.Tensor, q: torch.Tensor, q_g: torch.Tensor | None = None) -> torch.Tensor:
+    """∂D/∂z = q ⊙ (g − Σ q g) for q = softmax(z), given ∂D/∂q (``g``, spent), written over ``q``."""
+    q_g = _rowdot(q, g) if q_g is None else q_g
+    return q.mul_(g.sub_(q_g[:, None]))
+
+
+def _divergence_and_gradient_(student: torch.Tensor, teacher: torch.Tensor, scratch: list[torch.Tensor],
+                              divergence: str, beta: float) -> torch.Tensor:
+    """Per-row D(p, q) from z = s/T (``student``) and t/T (``teacher``), leaving ∂D/∂z in ``student``.
+
+    Every buffer is reused in place (each step names what a buffer holds from
+    then on); ``teacher`` and the three ``scratch`` buffers are spent.
+    """
+    log_q, log_p, extra = scratch
+    _log_softmax_(student, log_q)
+    _log_softmax_(teacher, log_p)
+    q, p = student, teacher
+    if divergence == "forward_kl":
+        value = _rowdot(p, log_p.sub_(log_q))              # Σ p log(p/q)
+        q.sub_(p)                                          # ∂D/∂z = q − p
+        return value
+    if divergence == "reverse_kl":
+        log_ratio = log_q.sub_(log_p)                      # log(q/p)
+        kl = _rowdot(q, log_ratio)
+        _through_softmax_(log_ratio, q, kl)                # ∂D/∂z = q ⊙ (log(q/p) − KL)
+        return kl
+    if divergence == "jsd":
+        log_m = torch.mul(p, beta, out=extra).add_(q, alpha=1 - beta).log_().clamp_min_(LOG_FLOOR)
+        value = beta * _rowdot(p, log_p.sub_(log_m))       # β Σ p log(p/m)
+        g = log_q.sub_(log_m).mul_(1 - beta)               # ∂D/∂q = (1−β) log(q/m)
+        q_g = _rowdot(q, g)
+        _through_softmax_(g, q, q_g)
+        return value + q_g                                 # + (1−β) Σ q log(q/m)
+    if divergence == "tv":
+        difference = torch.sub(q, p, out=log_p)
+        g = torch.sign(difference, out=extra).mul_(0.5)    # ∂D/∂q = ½ sign(q − p)
+        value = _rowdot(difference, g)                     # ½ Σ |q − p|
+        _through_softmax_(g, q)
+        return value
+    raise ValueError(f"unknown divergence {divergence!r}: forward_kl, reverse_kl, jsd or tv")
+
+
+def _reduced_(log_probs: torch.Tensor, probs: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """log of the top entries and of the tail's mass (k+1 outcomes); ``probs`` is spent (its top set to 0)."""
+    tail = probs.scatter_(-1, top, 0.0).sum(-1, keepdim=True).log().clamp_min_(LOG_FLOOR)
+    return torch.cat([log_probs.gather(-1, top), tail], dim=-1)
+
+
+def _reduced_gradient(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂D/∂q̃ (``g``) and q̃ ⊙ g on the k+1 outcomes; a constant in g drops out of q ⊙ (g − Σ q g)."""
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward_kl":
+        return -p / q.clamp_min(torch.finfo(q.dtype).tiny), -p
+    if divergence == "reverse_kl":
+        g = log_q - log_p
+    elif divergence == "jsd":
+        g = (1 - beta) * (log_q - torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta)))
+    else:
+        g = 0.5 * torch.sign(q - p)
+    return g, q * g
+
+
+def _top_k_divergence_and_gradient_(student: torch.Tensor, teacher: torch.Tensor, scratch: list[torch.Tensor],
+                                    divergence: str, beta: float, k: int) -> torch.Tensor:
+    """As ``_divergence_and_gradient_`` on the teacher's top k and a tail bucket (``top_k_log_probs``).
+
+    Every outcome outside the top k shares the tail's ∂D/∂q̃, so ∂D/∂z = q ⊙ (g − Σ q̃ g̃)
+    with g the tail's everywhere but at the top k, where q ⊙ g is q̃ ⊙ g̃ itself.
+    """
+    if k >= student.shape[-1]:
+        raise ValueError(f"top_k={k} must be smaller than the vocabulary ({student.shape[-1]})")
+    log_q, log_p, tail = scratch
+    _log_softmax_(student, log_q)
+    _log_softmax_(teacher, log_p)
+    q, p = student, teacher
+    top = log_p.topk(k, dim=-1, sorted=False).indices
+    reduced_log_p = _reduced_(log_p, p, top)
+    reduced_log_q = _reduced_(log_q, tail.copy_(q), top)
+    g, q_g = _reduced_gradient(reduced_log_p, reduced_log_q, divergence, beta)
+    total = q_g.sum(-1, keepdim=True)                      # Σ q̃ g̃
+    q_top = q.gather(-1, top)
+    dz = q.mul_(g[:, -1:] - total)                         # every outcome as the tail ...
+    dz.scatter_(-1, top, q_g[:, :-1] - q_top * total)      # ... but the top k
+    return divergence_of(reduced_log_p, reduced_log_q, divergence, beta)
+
+
+def _divided(logits: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """out = logits / T in float32: one pass when they are float32, else a conversion first."""
+    if logits.dtype == torch.float32:
+        return torch.div(logits, temperature, out=out)
+    return out.copy_(logits).div_(temperature)
+
+
+def _scaled_logits_(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float,
+                    out: torch.Tensor) -> torch.Tensor:
+    """out = (hidden · weightᵀ + bias) / T, the division folded into the matrix product."""
+    if bias is None:
+        return out.addmm_(hidden, weight.T, beta=0, alpha=1 / temperature)
+    return torch.addmm(bias, hidden, weight.T, beta=1 / temperature, alpha=1 / temperature, out=out)
+
+
+def _chunked_loss_and_gradients(options: dict, weights: torch.Tensor, student_x: torch.Tensor,
+                                student_w: torch.Tensor | None, student_b: torch.Tensor | None,
+                                teacher: torch.Tensor | LinearHead) -> tuple[torch.Tensor, list]:
+    """Σ_tokens weight · D(teacher, student) and its gradient with respect to each input that wants one.
+
+    Two sizes: a chunk of ``chunk_size`` tokens is what one matrix product of
+    the output layer forms (large, so the product runs at full speed); the
+    divergence then runs over blocks of a few rows (about BLOCK_ELEMENTS
+    values), whose dozen passes stay in the CPU's cache or the GPU's L2, with
+    small scratch buffers. From logits there is no chunk: the student's rows are
+    copied, block by block, into the logits' gradient, which becomes their gradient.
+    """
+    wants_x, wants_w, wants_b = options["wants_grad"]
+    chunk, temperature, top_k = options["chunk_size"], options["temperature"], options["top_k"]
+    divergence, beta = options["divergence"], options["beta"]
+    if divergence == "jsd" and beta in (0, 1):             # the ends of GKD's JSD, as in divergence_of
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
+    from_head, teacher_head = student_w is not None, isinstance(teacher, LinearHead)
+    tokens, vocab = student_x.shape[0], student_w.shape[0] if from_head else student_x.shape[1]
+    block_rows = max(1, min(chunk, BLOCK_ELEMENTS // vocab))
+
+    def buffer(rows: int) -> torch.Tensor:
+        return torch.empty(min(rows, tokens), vocab, dtype=torch.float32, device=student_x.device)
+
+    grad_x = torch.empty(student_x.shape, dtype=student_x.dtype, device=student_x.device) if wants_x else None
+    # float32 logits become their own gradient: the logits' gradient is then the only (tokens × vocab) tensor
+    in_gradient = not from_head and wants_x and student_x.dtype == torch.float32
+    student_buffer = None if in_gradient else buffer(chunk if from_head else block_rows)
+    teacher_buffer = buffer(chunk if teacher_head else block_rows)
+    scratch = [buffer(block_rows) for _ in range(3)]
+    weight, bias = _float32(student_w), _float32(student_b)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if wants_b else None
+    if teacher_head:
+        teacher = LinearHead(teacher.hidden, _float32(teacher.weight), _float32(teacher.bias))
+    per_token = torch.empty(tokens, dtype=torch.float32, device=student_x.device)
+    row_weights = weights[:, None] / temperature           # ∂(Σ weight·D)/∂s = weight · ∂D/∂z / T
+    for start in range(0, tokens, chunk):
+        size = min(chunk, tokens - start)
+        if from_head:
+            hidden = student_x[start:start + size].float()
+            z = _scaled_logits_(hidden, weight, bias, temperature, out=student_buffer[:size])
+        if teacher_head:
+            t = _scaled_logits_(teacher.hidden[start:start + size].float(), teacher.weight, teacher.bias,
+                                temperature, out=teacher_buffer[:size])
+        for first in range(0, size, block_rows):
+            rows = slice(first, min(first + block_rows, size))
+            token_rows = slice(start + rows.start, start + rows.stop)
+            n = rows.stop - rows.start
+            if from_head:
+                z_block = z[rows]
+            else:
+                z_block = _divided(student_x[token_rows], temperature,
+                                   out=grad_x[token_rows] if in_gradient else student_buffer[:n])
+            t_block = t[rows] if teacher_head else _divided(teacher[token_rows], temperature, out=teacher_buffer[:n])
+            block_scratch = [scratch_buffer[:n] for scratch_buffer in scratch]
+            if top_k is None:
+                per_token[token_rows] = _divergence_and_gradient_(z_block, t_block, block_scratch, divergence, beta)
+            else:
+                per_token[token_rows] = _top_k_divergence_and_gradient_(z_block, t_block, block_scratch,
+                                                                        divergence, beta, top_k)
+            if not from_head and wants_x:
+                grad_s = z_block.mul_(row_weights[token_rows])
+                if not in_gradient:
+                    grad_x[token_rows] = grad_s
+        if from_head:
+            grad_s = z.mul_(row_weights[start:start + size])
+            if wants_x and grad_x.dtype == torch.float32:
+                torch.mm(grad_s, weight, out=grad_x[start:start + size])
+            elif wants_x:
+                grad_x[start:start + size] = grad_s @ weight
+            if wants_w:
+                grad_w.addmm_(grad_s.T, hidden)
+            if wants_b:
+                grad_b += grad_s.sum(0)
+    grads = [grad_x, *[None if g is None else g.to(t.dtype) for g, t in ((grad_w, student_w), (grad_b, student_b))]]
+    return torch.dot(per_token, weights), grads
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    """Σ_tokens weight · D(teacher, student) with its gradients formed in the forward pass; backward scales them."""
 
     @staticmethod
     def forward(ctx, options: dict, weights: torch.Tensor, student_x: torch.Tensor, student_w: torch.Tensor | None,
                 student_b: torch.Tensor | None, teacher: torch.Tensor | LinearHead) -> torch.Tensor:
-        wants = options["wants_grad"]
-        leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in
-                  zip((student_x, student_w, student_b), wants)]
-        grad_x = torch.empty_like(student_x) if wants[0] else None
-        grad_params = [torch.zeros_like(t, dtype=torch.float32) if t is not None and w else None
-                       for t, w in zip((student_w, student_b), wants[1:])]
-        total = torch.zeros((), dtype=torch.float32, device=student_x.device)
-        chunk = options["chunk_size"]
         with torch.autocast(student_x.device.type, enabled=False):
-            for start in range(0, student_x.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                with torch.enable_grad():
-                    x_rows = leaves[0][rows].detach().requires_grad_(wants[0])
-                    if student_w is None:
-                        student_logits = x_rows.float()
-                    else:
-                        bias = None if leaves[2] is None else leaves[2].float()
-                        student_logits = F.linear(x_rows.float(), leaves[1].float(), bias)
-                    with torch.no_grad():
-                        teacher_logits = _logits(teacher, rows)
-                    per_token = token_divergence(student_logits, teacher_logits, options["divergence"],
-                                                 options["beta"], options["temperature"], options["top_k"])
-                    chunk_loss = (per_token * weights[rows]).sum()
-                inputs = [t for t, w in zip((x_rows, leaves[1], leaves[2]), wants) if t is not None and w]
-                if inputs:
-                    grads = iter(torch.autograd.grad(chunk_loss, inputs))
-                    if wants[0]:
-                        grad_x[rows] = next(grads)
-                    for accumulated in grad_params:
-                        if accumulated is not None:
-                            accumulated += next(grads)
-                total += chunk_loss.detach()
-        grads = [grad_x, *[None if g is None else g.to(t.dtype) for g, t in zip(grad_params, (student_w, student_b))]]
-        ctx.has = [g is not None for g in grads]
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+            total, ctx.grads = _chunked_loss_and_gradients(options, weights, student_x, student_w, student_b,
+                                                           teacher)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) * grad_total if has else None for has in ctx.has]
+        # handed over, not kept: autograd can then take a gradient as .grad without copying it
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("lm_kd_loss's stored gradients were used by an earlier backward; "
+                               "compute the loss again to backpropagate through it again")
+        if bool(grad_total != 1):
+            grads = [None if g is None else g.mul_(grad_total) for g in grads]
         return None, None, *grads, None
 
 
@@ -177,8 +361,13 @@ def lm_kd_loss(student: torch.Tensor | LinearHead, teacher: torch.Tensor | Linea
 
     ``student``/``teacher``: logits (..., V) or a LinearHead (hidden states and
     output layer). ``mask`` (...) marks the tokens that count (see
-    ``lm_token_mask``). ``chunk_size=None`` computes on the full tensors.
+    ``lm_token_mask``). ``chunk_size=None`` computes on the full tensors with
+    autograd (the reference form; it also allows double backward). The
+    chunked loss's gradients are formed in the forward pass and handed to one
+    backward pass.
     """
+    if divergence not in ("forward_kl", "reverse_kl", "jsd", "tv"):
+        raise ValueError(f"unknown divergence {divergence!r}: forward_kl, reverse_kl, jsd or tv")
     student, teacher = _flat(student), _flat(teacher)
     if isinstance(teacher, LinearHead):
         teacher = LinearHead(teacher.hidden.detach(), teacher.weight.detach(),
@@ -189,14 +378,17 @@ def lm_kd_loss(student: torch.Tensor | LinearHead, teacher: torch.Tensor | Linea
     tokens = student_x.shape[0]
     weights = (torch.ones(tokens, device=student_x.device) if mask is None
                else mask.reshape(tokens).to(device=student_x.device, dtype=torch.float32))
-    weights = weights * temperature**2 / weights.sum().clamp_min(1)
-    if chunk_size is None or chunk_size >= tokens:
+    weights = weights * temperature**2 / weights.sum().clamp_min(1)     # the mean over kept tokens, × T²
+    if chunk_size is None:
         with torch.autocast(student_x.device.type, enabled=False):
             per_token = token_divergence(_logits(student, slice(None)), _logits(teacher, slice(None)),
                                          divergence, beta, temperature, top_k)
         return (per_token * weights).sum()
     student_w, student_b = (student.weight, student.bias) if isinstance(student, LinearHead) else (None, None)
     wants = [t is not None and t.requires_grad and torch.is_grad_enabled() for t in (student_x, student_w, student_b)]
-    options = {"wants_grad": wants, "chunk_size": chunk_size or tokens, "divergence": divergence, "beta": beta,
-               "temperature": temperature, "top_k": top_k}
-    return _ChunkedDivergence.apply(options, weights, student_x, student_w, student_b, teacher)
+    options = {"wants_grad": wants, "chunk_size": max(1, min(chunk_size, tokens)), "divergence": divergence,
+               "beta": beta, "temperature": temperature, "top_k": top_k}
+    if not any(wants):
+        with torch.autocast(student_x.device.type, enabled=False):
+            return _chunked_loss_and_gradients(options, weights, student_x, student_w, student_b, teacher)[0]
+    return _FusedLinearDivergence.apply(options, weights, student_x, student_w, student_b, teacher)

@@ -1,0 +1,147 @@
+"""lm_kd_loss's closed-form chunked gradients against autograd through the naive full-tensor form."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdhooks.plugins._token_divergence as token_divergence_module
+from kdhooks.plugins.nlp import LinearHead, lm_kd_loss, token_divergence
+
+TOKENS, HIDDEN, TEACHER_HIDDEN, VOCAB = 23, 12, 10, 60
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0), ("tv", 0.5)]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 3 rows, so a chunk of 4 spans two blocks and the last chunk a part of one."""
+    monkeypatch.setattr(token_divergence_module, "BLOCK_ELEMENTS", 3 * VOCAB)
+
+
+def inputs(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"hidden": torch.randn(TOKENS, HIDDEN, generator=g), "weight": torch.randn(VOCAB, HIDDEN, generator=g),
+               "bias": torch.randn(VOCAB, generator=g),
+               "teacher_hidden": torch.randn(TOKENS, TEACHER_HIDDEN, generator=g),
+               "teacher_weight": torch.randn(VOCAB, TEACHER_HIDDEN, generator=g)}
+    tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
+    tensors["mask"] = torch.rand(TOKENS, generator=g) > 0.3
+    return tensors
+
+
+def naive_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, divergence: str,
+               beta: float, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Mean over kept tokens × T² of token_divergence, with autograd through the full tensors."""
+    per_token = token_divergence(student_logits, teacher_logits, divergence, beta, temperature, top_k)
+    kept = mask.to(per_token.dtype)
+    return (per_token * kept).sum() / kept.sum() * temperature**2
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    """Largest difference within ``tolerance`` × the largest entry of ``expected``."""
+    error = float((actual.double() - expected.double()).abs().max())
+    scale = float(expected.double().abs().max())
+    assert error <= tolerance * scale, f"{error:.2e} > {tolerance} × {scale:.2e}"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4, 100])
+@pytest.mark.parametrize("top_k", [None, 7])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_from_the_output_layer_equals_the_naive_form(divergence, beta, top_k, chunk_size):
+    x = inputs()
+    leaves = [x[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+    teacher = LinearHead(x["teacher_hidden"], x["teacher_weight"])
+    loss = lm_kd_loss(LinearHead(*leaves), teacher, mask=x["mask"], divergence=divergence, beta=beta,
+                      temperature=1.7, top_k=top_k, chunk_size=chunk_size)
+    loss.backward()
+    reference_leaves = [x[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+    reference = naive_loss(F.linear(*reference_leaves), F.linear(x["teacher_hidden"], x["teacher_weight"]),
+                           x["mask"], divergence, beta, 1.7, top_k)
+    reference.backward()
+    assert_close(loss.detach(), reference.detach(), 1e-5)
+    for leaf, reference_leaf in zip(leaves, reference_leaves):
+        assert_close(leaf.grad, reference_leaf.grad, 1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4, 100])
+@pytest.mark.parametrize("top_k", [None, 7])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_from_logits_equals_the_naive_form(divergence, beta, top_k, chunk_size):
+    x = inputs()
+    student_logits = F.linear(x["hidden"], x["weight"], x["bias"]).reshape(1, TOKENS, VOCAB)
+    teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"]).reshape(1, TOKENS, VOCAB)
+    teacher_logits[0, 2, :5] = float("-inf")                # a vocabulary the teacher rules out
+    leaf = student_logits.clone().requires_grad_()
+    loss = lm_kd_loss(leaf, teacher_logits, mask=x["mask"].reshape(1, TOKENS), divergence=divergence, beta=beta,
+                      temperature=0.8, top_k=top_k, chunk_size=chunk_size)
+    (loss * 3).backward()                                   # grad_output ≠ 1 scales the stored gradient
+    reference_leaf = student_logits.clone().requires_grad_()
+    reference = naive_loss(reference_leaf, teacher_logits, x["mask"].reshape(1, TOKENS), divergence, beta, 0.8, top_k)
+    (reference * 3).backward()
+    assert torch.isfinite(loss)
+    assert_close(loss.detach(), reference.detach(), 1e-5)
+    assert_close(leaf.grad, reference_leaf.grad, 1e-5)
+
+
+@pytest.mark.parametrize("wants", [(True, False, False), (False, True, True), (False, False, True)])
+def test_only_the_inputs_that_require_grad_get_one(wants):
+    x = inputs()
+    leaves = [x[name].clone().requires_grad_(want) for name, want in zip(("hidden", "weight", "bias"), wants)]
+    loss = lm_kd_loss(LinearHead(*leaves), LinearHead(x["teacher_hidden"], x["teacher_weight"]), mask=x["mask"],
+                      divergence="jsd", temperature=2.0, chunk_size=5)
+    (loss * -0.5).backward()
+    reference_leaves = [x[name].clone().requires_grad_(want) for name, want in zip(("hidden", "weight", "bias"), wants)]
+    reference = naive_loss(F.linear(*reference_leaves), F.linear(x["teacher_hidden"], x["teacher_weight"]),
+                           x["mask"], "jsd", 0.5, 2.0, None)
+    (reference * -0.5).backward()
+    for leaf, reference_leaf, want in zip(leaves, reference_leaves, wants):
+        assert (leaf.grad is not None) == want
+        if want:
+            assert_close(leaf.grad, reference_leaf.grad, 1e-5)
+
+
+def test_no_grad_gives_the_value_and_a_second_backward_is_refused():
+    x = inputs()
+    student = LinearHead(x["hidden"].requires_grad_(), x["weight"])
+    teacher = LinearHead(x["teacher_hidden"], x["teacher_weight"])
+    with torch.no_grad():
+        value = lm_kd_loss(student, teacher, mask=x["mask"], chunk_size=4)
+    loss = lm_kd_loss(student, teacher, mask=x["mask"], chunk_size=4)
+    assert value.grad_fn is None and torch.equal(value, loss.detach())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="compute the loss again"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3] + DIVERGENCES[-1:])
+@pytest.mark.parametrize("from_head", [True, False])
+def test_bfloat16_inputs_accumulate_in_float32(divergence, beta, from_head):
+    """bf16 inputs against float64 on the same (bf16) values: the value to 1e-5 (float32 arithmetic), the
+    gradients to 1e-2 of their largest entry (they come back in bf16, 2⁻⁸ relative rounding)."""
+    x = inputs(torch.bfloat16, seed=1)
+    teacher_logits = F.linear(x["teacher_hidden"].double(), x["teacher_weight"].double())
+    if from_head:
+        leaves = [x[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
+        student = LinearHead(*leaves)
+        teacher = LinearHead(x["teacher_hidden"], x["teacher_weight"])
+        exact_leaves = [x[name].double().requires_grad_() for name in ("hidden", "weight", "bias")]
+        exact_student = F.linear(*exact_leaves)
+    else:
+        logits = F.linear(x["hidden"].double(), x["weight"].double(), x["bias"].double()).bfloat16()
+        leaves = [logits.clone().requires_grad_()]
+        student, teacher = leaves[0], teacher_logits.bfloat16()
+        exact_leaves = [logits.double().requires_grad_()]
+        exact_student, teacher_logits = exact_leaves[0], teacher_logits.bfloat16().double()
+    loss = lm_kd_loss(student, teacher, mask=x["mask"], divergence=divergence, beta=beta, temperature=2.0,
+                      chunk_size=4)
+    loss.backward()
+    log_q = F.log_softmax(exact_student / 2.0, -1)
+    log_p = F.log_softmax(teacher_logits / 2.0, -1)
+    exact = token_divergence_module.divergence_of(log_p, log_q, divergence, beta)
+    exact = (exact * x["mask"].double()).sum() / x["mask"].sum() * 4.0
+    exact.backward()
+    assert loss.dtype == torch.float32
+    assert_close(loss.detach(), exact.detach(), 1e-5)
+    for leaf, exact_leaf in zip(leaves, exact_leaves):
+        assert leaf.grad.dtype == torch.bfloat16
+        assert_close(leaf.grad, exact_leaf.grad, 1e-2)
