@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._attach import restore_modes, training_modes
 from ._errors import ConfigError, LossError, PluginError, did_you_mean
 from ._manager import installed_plugins, plugin_manager
 from ._precision import cast_floats, floating_dtype
@@ -219,7 +220,7 @@ def forward_or_explain(model: nn.Module, role: str, x: torch.Tensor, args: argpa
         if next(module.children(), None) is None:
             handles.append(module.register_forward_pre_hook(starts))
             handles.append(module.register_forward_hook(ends))
-    modes = {m: m.training for m in names}
+    modes = training_modes(model)
     try:
         model.eval()
         with torch.no_grad():
@@ -229,8 +230,7 @@ def forward_or_explain(model: nn.Module, role: str, x: torch.Tensor, args: argpa
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
+        restore_modes(modes)
 
 
 def _input_error(role: str, x: torch.Tensor, args: argparse.Namespace, error: Exception,
@@ -357,7 +357,7 @@ def _first_step(kd: Any, student: nn.Module, x: torch.Tensor) -> tuple[float, di
     The dry pass only records shapes: the terms' losses run for the first time here, so a
     temperature or a class count that only breaks the formula is caught by ``check``.
     """
-    modes = {m: m.training for m in student.modules()}
+    modes = training_modes(student)
     try:
         student.train()
         logits = logits_of(student(x))
@@ -376,8 +376,7 @@ def _first_step(kd: Any, student: nn.Module, x: torch.Tensor) -> tuple[float, di
         raise UserError(f"the first training step (student(x), then kd(None, labels=...)) failed: {problem}",
                         fix, error) from error
     finally:
-        for module, training in modes.items():
-            module.training = training
+        restore_modes(modes)
     bad = {name: v for name, v in losses.items() if not math.isfinite(v)}
     if bad or not math.isfinite(value):
         name, v = next(iter(bad.items())) if bad else ("total", value)
