@@ -145,3 +145,26 @@ def test_bfloat16_inputs_accumulate_in_float32(divergence, beta, from_head):
     for leaf, exact_leaf in zip(leaves, exact_leaves):
         assert leaf.grad.dtype == torch.bfloat16
         assert_close(leaf.grad, exact_leaf.grad, 1e-2)
+
+
+@pytest.mark.parametrize("top_k", [None, 7])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_the_inputs_are_left_as_they_were(divergence, beta, top_k):
+    """The gradients are formed in place in lm_kd's own buffers: never in the logits or hidden states it is given,
+    which the model's task loss (or the next term) reads too."""
+    x = inputs()
+    student_logits = F.linear(x["hidden"], x["weight"], x["bias"]).requires_grad_()
+    teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"])
+    given = {"hidden": x["hidden"].requires_grad_(), "weight": x["weight"].requires_grad_(), "bias": x["bias"],
+             "teacher_hidden": x["teacher_hidden"], "teacher_weight": x["teacher_weight"],
+             "student_logits": student_logits, "teacher_logits": teacher_logits}
+    before = {name: tensor.detach().clone() for name, tensor in given.items()}
+    options = {"mask": x["mask"], "divergence": divergence, "beta": beta, "temperature": 1.7, "top_k": top_k,
+               "chunk_size": 4}
+    lm_kd_loss(LinearHead(x["hidden"], x["weight"], x["bias"]),
+               LinearHead(x["teacher_hidden"], x["teacher_weight"]), **options).backward()
+    lm_kd_loss(student_logits, teacher_logits, **options).backward()
+    with torch.no_grad():  # no gradient wanted: the student's rows go through a scratch buffer instead
+        lm_kd_loss(student_logits, teacher_logits, **options)
+    for name, tensor in given.items():
+        assert torch.equal(tensor.detach(), before[name]), name
