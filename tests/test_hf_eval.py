@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from _hf import sentiment_data, tiny_bert, training_args
+from _hf import full_tensor_divergence, lm_data, sentiment_data, tiny_bert, tiny_gpt2, tiny_llama, training_args
 
 from kdhooks.integrations.hf import DistillationTrainer
 
@@ -147,3 +147,25 @@ def test_a_gradient_term_is_left_out_of_evaluation_with_a_note(tmp_path):
     with pytest.warns(UserWarning, match=r"'grad_at' .* left out of evaluation: it reads gradients"):
         metrics = trainer.evaluate()
     assert "eval_distill/kd" in metrics and "eval_distill/grad_at" not in metrics
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_evaluated_lm_kd_on_causal_lms_equals_the_hand_computation(make, tmp_path):
+    """Llama and GPT-2 eval batches (prompt and padding -100, right padding): the causal shift and the masks as in
+    training, over the whole eval set."""
+    teacher, student = make(2, 32, seed=1), make(1, 16, seed=2)
+    held_out = lm_data(8, seed=9)
+    config = {"task_weight": 1.0, "terms": [{"kind": "lm_kd", "divergence": "jsd", "temperature": 2.0}]}
+    trainer = DistillationTrainer(model=student, teacher=teacher, kd_config=config, eval_distill=True,
+                                  args=training_args(tmp_path, per_device_eval_batch_size=8, max_steps=1),
+                                  train_dataset=lm_data(8, seed=8), eval_dataset=held_out)
+    metrics = trainer.evaluate()
+    batch = {key: torch.stack([item[key] for item in held_out]) for key in held_out[0]}
+    with torch.no_grad():
+        student_logits = student.eval()(**batch).logits
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = full_tensor_divergence(student_logits, teacher_logits, batch["labels"], batch["attention_mask"],
+                                      "jsd", 0.5, 2.0)
+    assert metrics["eval_distill_raw/lm_kd"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_distill/total"] == pytest.approx(metrics["eval_loss"] + expected, rel=1e-5)
+    trainer.distiller.close()

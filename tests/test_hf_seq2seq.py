@@ -174,3 +174,25 @@ def test_the_trainer_gives_the_teacher_the_students_decoder_inputs(model, target
               f"{wrong:.4f} (on the shifted input ids)")
         assert abs(wrong - right) > 0.05 * right
     trainer.distiller.close()
+
+
+@pytest.mark.parametrize("model", ["t5", "bart"])
+def test_evaluation_gives_the_teacher_the_decoder_inputs_too(model, tmp_path):
+    """eval_distill: the eval batches reach the teacher as training batches do (labels → decoder inputs), so the
+    evaluated lm_kd is the hand value on the eval set, not a teacher decoding something else."""
+    make = MODELS[model]
+    teacher, student = make(2, 32, seed=1), make(1, 16, seed=2)
+    train, held_out = seq2seq_data(8, seed=3, target_length=10), seq2seq_data(8, seed=4, target_length=10)
+    trainer = DistillationTrainer(model=student, teacher=teacher, train_dataset=train, eval_dataset=held_out,
+                                  eval_distill=True,
+                                  kd_config={"task_weight": 0.5, "terms": [{"kind": "lm_kd", "weight": 0.3,
+                                                                           "temperature": 2.0}]},
+                                  args=training_args(tmp_path, per_device_eval_batch_size=8, max_steps=1))
+    metrics = trainer.evaluate()
+    batch = batch_of(held_out)
+    with torch.no_grad():
+        expected = decoder_divergence(student.eval()(**batch).logits, teacher(**batch).logits, batch["labels"], 2.0)
+    assert metrics["eval_distill_raw/lm_kd"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_distill/lm_kd"] == pytest.approx(0.3 * expected, rel=1e-5)
+    assert metrics["eval_distill/task"] == pytest.approx(0.5 * metrics["eval_loss"], rel=1e-5)
+    trainer.distiller.close()
