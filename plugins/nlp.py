@@ -477,7 +477,10 @@ class LMKD(kdhooks.Term):
     under TRL's fused LM head. The same for the teacher. The loss is the mean
     over kept tokens × T² (Hinton's convention, ``temperature_squared: true``,
     the default); ``temperature_squared: false`` leaves out T², as TRL's GKD
-    ``generalized_jsd_loss`` (docs/conventions.md).
+    ``generalized_jsd_loss`` (docs/conventions.md). ``compile`` (default true)
+    runs the divergence's passes as kernels built by torch.compile, fused per
+    block of rows; where it cannot build them the eager passes run, after one
+    warning.
 
     Kept tokens: a causal LM's position i predicts token i+1 (``causal``, the
     default for it); a masked LM (``causal: false``) predicts its own position.
@@ -495,6 +498,7 @@ class LMKD(kdhooks.Term):
     ignore_index: int = -100
     chunk_size: kdhooks.PositiveInt | None = 256
     top_k: kdhooks.PositiveInt | None = None
+    compile: bool = True
     student: str = "logits"
     teacher: str = "logits"
     student_head: str | None = None
@@ -636,7 +640,8 @@ class LMKD(kdhooks.Term):
             mask = lm_token_mask(tokens, labels=ctx.labels, attention_mask=ctx.extras.get("attention_mask"),
                                  causal=self._causal, ignore_index=self.ignore_index)
         loss = lm_kd_loss(student, teacher, mask=mask, divergence=self.divergence, beta=self.beta,
-                          temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size)
+                          temperature=self.temperature, top_k=self.top_k, chunk_size=self.chunk_size,
+                          compile=self.compile)
         return loss if self.temperature_squared else loss / self.temperature**2
 
 

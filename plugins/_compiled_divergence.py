@@ -1,0 +1,141 @@
+"""lm_kd's divergence passes as two compiled kernels per block of rows: row statistics, then the gradient.
+
+Eager PyTorch runs each of the dozen passes of ``_divergence_and_gradient_``
+(in ``_token_divergence``) as its own kernel over the block. Under
+``torch.compile`` (inductor: C++/OpenMP on the CPU, Triton on the GPU) the same
+closed forms become two: one that reads the rows and reduces them (the two
+log-normalisers, the divergence, Σ q·g), one that writes ∂D/∂z. With z = s·a,
+t·b (a, b the inverse temperature, or 1 for logits already divided),
+q = softmax(z), p = softmax(t):
+
+    forward KL   D = Σ p log(p/q)                          ∂D/∂z = q − p
+    reverse KL   D = Σ q log(q/p)                          ∂D/∂z = q ⊙ (log(q/p) − D)
+    JSD(β)       D = β Σ p log(p/m) + (1−β) Σ q log(q/m)   ∂D/∂z = q ⊙ (g − Σ q g),  g = (1−β) log(q/m)
+    TV           D = ½ Σ |q − p|                           ∂D/∂z = q ⊙ (g − Σ q g),  g = ½ sign(q − p)
+
+The gradient kernel writes ``out`` (weighted per row); ``out`` may be the
+student's own buffer, which it then overwrites in place. Where compilation is
+unavailable or fails, ``compiled_kernels`` says so once and the eager passes run.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, NamedTuple
+
+import torch
+
+# log-probabilities are floored here (as in the eager passes): 0·(finite) in a sum, never 0·inf = nan
+LOG_FLOOR = -1e30
+
+
+class Kernels(NamedTuple):
+    """A divergence's two compiled kernels: ``statistics`` → (D, Σ q g, log-normalisers); ``gradient`` → ``out``."""
+
+    statistics: Callable
+    gradient: Callable
+
+
+def _log_probs(student: torch.Tensor, teacher: torch.Tensor, student_scale: float, teacher_scale: float,
+               normalisers: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Floored log q and log p of the scaled float32 rows, and their log-normalisers (computed when not given)."""
+    z, t = student.float() * student_scale, teacher.float() * teacher_scale
+    if normalisers is None:
+        normalisers = (torch.logsumexp(z, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True))
+    log_q = (z - normalisers[0]).clamp_min(LOG_FLOOR)
+    log_p = (t - normalisers[1]).clamp_min(LOG_FLOOR)
+    return log_q, log_p, normalisers
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    return torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp()).clamp_min(LOG_FLOOR)
+
+
+def _write(out: torch.Tensor, gradient: torch.Tensor, row_weights: torch.Tensor) -> None:
+    out.copy_(gradient * row_weights[:, None])
+
+
+def _forward_kl_statistics(student, teacher, student_scale, teacher_scale, beta):
+    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+    value = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return value, value, normalisers
+
+
+def _forward_kl_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, q_g, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
+    _write(out, log_q.exp() - log_p.exp(), row_weights)
+
+
+def _reverse_kl_statistics(student, teacher, student_scale, teacher_scale, beta):
+    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+    value = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return value, value, normalisers
+
+
+def _reverse_kl_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, kl, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
+    _write(out, log_q.exp() * (log_q - log_p - kl[:, None]), row_weights)
+
+
+def _jsd_statistics(student, teacher, student_scale, teacher_scale, beta):
+    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+    log_m = _log_mixture(log_p, log_q, beta)
+    q_g = (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + q_g, q_g, normalisers
+
+
+def _jsd_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, q_g, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
+    g = (1 - beta) * (log_q - _log_mixture(log_p, log_q, beta))
+    _write(out, log_q.exp() * (g - q_g[:, None]), row_weights)
+
+
+def _tv_statistics(student, teacher, student_scale, teacher_scale, beta):
+    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+    q, p = log_q.exp(), log_p.exp()
+    return 0.5 * (q - p).abs().sum(-1), 0.5 * (q * torch.sign(q - p)).sum(-1), normalisers
+
+
+def _tv_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, q_g, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
+    q = log_q.exp()
+    _write(out, q * (0.5 * torch.sign(q - log_p.exp()) - q_g[:, None]), row_weights)
+
+
+_SOURCES = {"forward_kl": (_forward_kl_statistics, _forward_kl_gradient),
+            "reverse_kl": (_reverse_kl_statistics, _reverse_kl_gradient),
+            "jsd": (_jsd_statistics, _jsd_gradient),
+            "tv": (_tv_statistics, _tv_gradient)}
+_compiled: dict[str, Kernels] = {}
+# why compiled kernels are not used in this process, once they failed (the eager passes run instead)
+_unavailable: str | None = None
+
+
+def compiled_kernels(divergence: str) -> Kernels | None:
+    """The divergence's compiled kernels, or None where torch.compile cannot serve (eager passes then run).
+
+    Each kernel is its own function, so each keeps its own compilation cache:
+    a run uses one divergence, one dtype and two row counts (a full block and
+    the last part), which ``maybe_mark_dynamic`` makes one compilation.
+    """
+    if _unavailable is not None or torch.compiler.is_compiling() or not torch._dynamo.is_dynamo_supported():
+        return None
+    if divergence not in _compiled:
+        statistics, gradient = _SOURCES[divergence]
+        _compiled[divergence] = Kernels(torch.compile(statistics, fullgraph=True),
+                                        torch.compile(gradient, fullgraph=True))
+    return _compiled[divergence]
+
+
+def give_up_compiling(error: Exception) -> None:
+    """Use the eager passes from now on, and say once why (the result is the same, only slower)."""
+    global _unavailable
+    _unavailable = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error) else ''}"
+    warnings.warn(f"lm_kd: torch.compile could not build its fused kernels ({_unavailable}); the eager kernels run "
+                  "instead (the same values, slower). Set `compile: false` on the lm_kd term to skip the attempt.",
+                  RuntimeWarning, stacklevel=3)
+
+
+def mark_rows_dynamic(*tensors: torch.Tensor) -> None:
+    """The row count varies (the last block, each batch's tokens): one compilation serves every count."""
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
