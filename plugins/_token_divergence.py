@@ -450,6 +450,12 @@ def lm_kd_loss(student: torch.Tensor | LinearHead, teacher: torch.Tensor | Linea
         teacher = teacher.detach()
     student_x = student.hidden if isinstance(student, LinearHead) else student
     tokens = student_x.shape[0]
+    shapes = [(side.hidden.shape[0], side.weight.shape[0]) if isinstance(side, LinearHead) else tuple(side.shape)
+              for side in (student, teacher)]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"lm_kd_loss: the student gives {shapes[0][0]} tokens × {shapes[0][1]} vocabulary entries, "
+                         f"the teacher {shapes[1][0]} × {shapes[1][1]}: both must score the same tokens over the "
+                         "same vocabulary")
     weights = (torch.ones(tokens, device=student_x.device) if mask is None
                else mask.reshape(tokens).to(device=student_x.device, dtype=torch.float32))
     weights = weights * temperature**2 / weights.sum().clamp_min(1)     # the mean over kept tokens, × T²

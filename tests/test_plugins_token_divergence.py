@@ -1,10 +1,13 @@
 """lm_kd_loss's closed-form chunked gradients against autograd through the naive full-tensor form."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kdhooks.plugins._compiled_divergence as compiled_module
 import kdhooks.plugins._token_divergence as token_divergence_module
 from kdhooks.plugins.nlp import LinearHead, lm_kd_loss, token_divergence
 
@@ -47,12 +50,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float)
 @pytest.mark.parametrize("chunk_size", [None, 4, 100])
 @pytest.mark.parametrize("top_k", [None, 7])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-def test_from_the_output_layer_equals_the_naive_form(divergence, beta, top_k, chunk_size):
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_from_the_output_layer_equals_the_naive_form(divergence, beta, top_k, chunk_size, compile):
     x = inputs()
     leaves = [x[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
     teacher = LinearHead(x["teacher_hidden"], x["teacher_weight"])
     loss = lm_kd_loss(LinearHead(*leaves), teacher, mask=x["mask"], divergence=divergence, beta=beta,
-                      temperature=1.7, top_k=top_k, chunk_size=chunk_size)
+                      temperature=1.7, top_k=top_k, chunk_size=chunk_size, compile=compile)
     loss.backward()
     reference_leaves = [x[name].clone().requires_grad_() for name in ("hidden", "weight", "bias")]
     reference = naive_loss(F.linear(*reference_leaves), F.linear(x["teacher_hidden"], x["teacher_weight"]),
@@ -66,14 +70,15 @@ def test_from_the_output_layer_equals_the_naive_form(divergence, beta, top_k, ch
 @pytest.mark.parametrize("chunk_size", [None, 4, 100])
 @pytest.mark.parametrize("top_k", [None, 7])
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-def test_from_logits_equals_the_naive_form(divergence, beta, top_k, chunk_size):
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_from_logits_equals_the_naive_form(divergence, beta, top_k, chunk_size, compile):
     x = inputs()
     student_logits = F.linear(x["hidden"], x["weight"], x["bias"]).reshape(1, TOKENS, VOCAB)
     teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"]).reshape(1, TOKENS, VOCAB)
     teacher_logits[0, 2, :5] = float("-inf")                # a vocabulary the teacher rules out
     leaf = student_logits.clone().requires_grad_()
     loss = lm_kd_loss(leaf, teacher_logits, mask=x["mask"].reshape(1, TOKENS), divergence=divergence, beta=beta,
-                      temperature=0.8, top_k=top_k, chunk_size=chunk_size)
+                      temperature=0.8, top_k=top_k, chunk_size=chunk_size, compile=compile)
     (loss * 3).backward()                                   # grad_output ≠ 1 scales the stored gradient
     reference_leaf = student_logits.clone().requires_grad_()
     reference = naive_loss(reference_leaf, teacher_logits, x["mask"].reshape(1, TOKENS), divergence, beta, 0.8, top_k)
@@ -168,3 +173,86 @@ def test_the_inputs_are_left_as_they_were(divergence, beta, top_k):
         lm_kd_loss(student_logits, teacher_logits, **options)
     for name, tensor in given.items():
         assert torch.equal(tensor.detach(), before[name]), name
+
+
+def test_compiled_kernels_serve_a_non_leaf_without_a_warning():
+    """The model's logits (a non-leaf that requires grad) go through the compiled kernels, not the fallback,
+    and nothing warns: torch.compile is never shown a tensor whose .grad it would read."""
+    x = inputs()
+    student_logits = F.linear(x["hidden"].requires_grad_(), x["weight"], x["bias"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = lm_kd_loss(student_logits, F.linear(x["teacher_hidden"], x["teacher_weight"]), mask=x["mask"],
+                          divergence="tv", chunk_size=4)
+        loss.backward()
+    assert compiled_module._unavailable is None
+    assert "tv" in compiled_module._compiled
+
+
+def test_a_failed_compilation_warns_once_and_the_eager_passes_give_the_same_loss(monkeypatch):
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler found")
+
+    x = inputs()
+    student, teacher = LinearHead(x["hidden"].requires_grad_(), x["weight"]), LinearHead(x["teacher_hidden"],
+                                                                                          x["teacher_weight"])
+    expected = lm_kd_loss(student, teacher, mask=x["mask"], divergence="jsd", chunk_size=4, compile=False)
+    expected_grad = torch.autograd.grad(expected, x["hidden"])[0]
+    monkeypatch.setattr(compiled_module, "_unavailable", None)
+    monkeypatch.setitem(compiled_module._compiled, "jsd", compiled_module.Kernels(no_compiler, no_compiler))
+    with pytest.warns(RuntimeWarning, match="could not build its fused kernels .*no C\\+\\+ compiler"):
+        loss = lm_kd_loss(student, teacher, mask=x["mask"], divergence="jsd", chunk_size=4)
+    assert torch.equal(loss.detach(), expected.detach())
+    assert torch.equal(torch.autograd.grad(loss, x["hidden"])[0], expected_grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # said once: later calls go straight to the eager passes
+        lm_kd_loss(student, teacher, mask=x["mask"], divergence="jsd", chunk_size=4)
+
+
+@pytest.mark.parametrize("teacher_shape", [(TOKENS, VOCAB - 10), (TOKENS - 1, VOCAB)])
+def test_a_teacher_of_another_shape_is_refused(teacher_shape):
+    x = inputs()
+    with pytest.raises(ValueError, match="both must score the same tokens over the same vocabulary"):
+        lm_kd_loss(F.linear(x["hidden"], x["weight"]), torch.zeros(teacher_shape))
+    with pytest.raises(ValueError, match="both must score"):
+        lm_kd_loss(LinearHead(x["hidden"], x["weight"]),
+                   LinearHead(torch.zeros(teacher_shape[0], TEACHER_HIDDEN), torch.zeros(teacher_shape[1],
+                                                                                          TEACHER_HIDDEN)))
+
+
+def test_an_error_the_eager_passes_raise_too_is_raised_not_taken_for_a_compilation_failure(monkeypatch):
+    def failing(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(compiled_module, "_unavailable", None)
+    monkeypatch.setitem(compiled_module._compiled, "forward_kl", compiled_module.Kernels(failing, failing))
+    monkeypatch.setattr(token_divergence_module, "_divergence_and_gradient_", failing)
+    x = inputs()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lm_kd_loss(F.linear(x["hidden"], x["weight"]), F.linear(x["teacher_hidden"], x["teacher_weight"]),
+                   chunk_size=4)
+    assert compiled_module._unavailable is None
+
+
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_masked_tokens_form_no_logits_from_the_output_layer(monkeypatch, compile):
+    """Prompt and padding tokens add 0 to the loss: from the output layers no logits are formed for them, their
+    hidden states get an exact 0 gradient, and a batch with no kept token gives 0, not nan."""
+    formed_rows = []
+    scaled_logits = token_divergence_module._scaled_logits_
+    monkeypatch.setattr(token_divergence_module, "_scaled_logits_",
+                        lambda hidden, *args, **kwargs: formed_rows.append(len(hidden)) or scaled_logits(
+                            hidden, *args, **kwargs))
+    x = inputs()
+    hidden = x["hidden"].requires_grad_()
+    student, teacher = LinearHead(hidden, x["weight"]), LinearHead(x["teacher_hidden"], x["teacher_weight"])
+    loss = lm_kd_loss(student, teacher, mask=x["mask"], chunk_size=4, compile=compile)
+    loss.backward()
+    assert sum(formed_rows) == 2 * int(x["mask"].sum()) < 2 * TOKENS     # student and teacher, kept rows only
+    assert torch.equal(hidden.grad[~x["mask"]], torch.zeros_like(hidden.grad[~x["mask"]]))
+    assert hidden.grad[x["mask"]].abs().sum(-1).gt(0).all()
+    hidden.grad = None
+    nothing_kept = lm_kd_loss(student, teacher, mask=torch.zeros(TOKENS, dtype=torch.bool), chunk_size=4,
+                              compile=compile)
+    nothing_kept.backward()
+    assert nothing_kept.item() == 0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
