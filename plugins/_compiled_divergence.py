@@ -36,13 +36,21 @@ class Kernels(NamedTuple):
 
 
 def _log_probs(student: torch.Tensor, teacher: torch.Tensor, student_scale: float, teacher_scale: float,
-               normalisers: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Floored log q and log p of the scaled float32 rows, and their log-normalisers (computed when not given)."""
+               normalisers: tuple[torch.Tensor, ...] | None = None):
+    """Floored log q and log p of the scaled float32 rows, and their normalisers (computed when not given).
+
+    As ATen's log_softmax: (z − max) − log Σ exp(z − max), never z − logsumexp(z),
+    whose rounded max + log Σ puts an error of a unit in the last place of the
+    larger into every log-probability alike: a small KL would be off by 1e-3.
+    """
     z, t = student.float() * student_scale, teacher.float() * teacher_scale
     if normalisers is None:
-        normalisers = (torch.logsumexp(z, -1, keepdim=True), torch.logsumexp(t, -1, keepdim=True))
-    log_q = (z - normalisers[0]).clamp_min(LOG_FLOOR)
-    log_p = (t - normalisers[1]).clamp_min(LOG_FLOOR)
+        z_max, t_max = z.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
+        normalisers = (z_max, torch.log(torch.exp(z - z_max).sum(-1, keepdim=True)),
+                       t_max, torch.log(torch.exp(t - t_max).sum(-1, keepdim=True)))
+    z_max, z_log_sum, t_max, t_log_sum = normalisers
+    log_q = ((z - z_max) - z_log_sum).clamp_min(LOG_FLOOR)
+    log_p = ((t - t_max) - t_log_sum).clamp_min(LOG_FLOOR)
     return log_q, log_p, normalisers
 
 
