@@ -24,26 +24,30 @@ from typing import Callable, NamedTuple
 
 import torch
 
-# log-probabilities are floored here (as in the eager passes): 0·(finite) in a sum, never 0·inf = nan
-LOG_FLOOR = -1e30
+from ._token_divergence import LOG_FLOOR
 
 
 class Kernels(NamedTuple):
-    """A divergence's two compiled kernels: ``statistics`` → (D, Σ q g, log-normalisers); ``gradient`` → ``out``."""
+    """A divergence's compiled kernels: ``statistics`` → (D, Σ q g, normalisers); ``gradient`` → ``out``;
+    ``fused``: both in one kernel, → D with the gradient in ``out`` (which must not be the student's rows;
+    None where one graph would hold a block-sized temporary)."""
 
     statistics: Callable
     gradient: Callable
+    fused: Callable | None
 
 
-def _log_probs(student: torch.Tensor, teacher: torch.Tensor, student_scale: float, teacher_scale: float,
+def _log_probs(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor | None, scalars: torch.Tensor,
                normalisers: tuple[torch.Tensor, ...] | None = None):
-    """Floored log q and log p of the scaled float32 rows, and their normalisers (computed when not given).
+    """Floored log q and log p of the kept, scaled float32 rows, and their normalisers (computed when not given).
 
     As ATen's log_softmax: (z − max) − log Σ exp(z − max), never z − logsumexp(z),
     whose rounded max + log Σ puts an error of a unit in the last place of the
     larger into every log-probability alike: a small KL would be off by 1e-3.
     """
-    z, t = student.float() * student_scale, teacher.float() * teacher_scale
+    if kept is not None:                                   # a gather inductor folds into its loads: no copy
+        student, teacher = student[kept], teacher[kept]
+    z, t = student.float() * scalars[0], teacher.float() * scalars[1]
     if normalisers is None:
         z_max, t_max = z.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
         normalisers = (z_max, torch.log(torch.exp(z - z_max).sum(-1, keepdim=True)),
@@ -54,66 +58,100 @@ def _log_probs(student: torch.Tensor, teacher: torch.Tensor, student_scale: floa
     return log_q, log_p, normalisers
 
 
-def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return torch.log(beta * log_p.exp() + (1 - beta) * log_q.exp()).clamp_min(LOG_FLOOR)
 
 
-def _write(out: torch.Tensor, gradient: torch.Tensor, row_weights: torch.Tensor) -> None:
-    out.copy_(gradient * row_weights[:, None])
+def _write(out: torch.Tensor, kept: torch.Tensor | None, dropped: torch.Tensor | None, gradient: torch.Tensor,
+           row_weights: torch.Tensor) -> None:
+    """out ← the weighted gradient; with ``kept``, into those rows, and 0 into the ``dropped`` ones."""
+    if kept is None:
+        out.copy_(gradient * row_weights[:, None])
+        return
+    out[kept] = gradient * row_weights[kept][:, None]
+    out[dropped] = 0
 
 
-def _forward_kl_statistics(student, teacher, student_scale, teacher_scale, beta):
-    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+# scalars = (student scale, teacher scale, β) as a tensor: floats would be compiled in, one graph per temperature
+
+
+def _forward_kl_statistics(student, teacher, kept, scalars):
+    log_q, log_p, normalisers = _log_probs(student, teacher, kept, scalars)
     value = (log_p.exp() * (log_p - log_q)).sum(-1)
     return value, value, normalisers
 
 
-def _forward_kl_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, q_g, row_weights, out):
-    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
-    _write(out, log_q.exp() - log_p.exp(), row_weights)
+def _forward_kl_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, kept, scalars, normalisers)
+    _write(out, kept, dropped, log_q.exp() - log_p.exp(), row_weights)
 
 
-def _reverse_kl_statistics(student, teacher, student_scale, teacher_scale, beta):
-    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+def _reverse_kl_statistics(student, teacher, kept, scalars):
+    log_q, log_p, normalisers = _log_probs(student, teacher, kept, scalars)
     value = (log_q.exp() * (log_q - log_p)).sum(-1)
     return value, value, normalisers
 
 
-def _reverse_kl_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, kl, row_weights, out):
-    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
-    _write(out, log_q.exp() * (log_q - log_p - kl[:, None]), row_weights)
+def _reverse_kl_gradient(student, teacher, kept, dropped, scalars, normalisers, kl, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, kept, scalars, normalisers)
+    _write(out, kept, dropped, log_q.exp() * (log_q - log_p - kl[:, None]), row_weights)
 
 
-def _jsd_statistics(student, teacher, student_scale, teacher_scale, beta):
-    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+def _jsd_statistics(student, teacher, kept, scalars):
+    log_q, log_p, normalisers = _log_probs(student, teacher, kept, scalars)
+    beta = scalars[2]
     log_m = _log_mixture(log_p, log_q, beta)
     q_g = (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
     return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + q_g, q_g, normalisers
 
 
-def _jsd_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, q_g, row_weights, out):
-    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
-    g = (1 - beta) * (log_q - _log_mixture(log_p, log_q, beta))
-    _write(out, log_q.exp() * (g - q_g[:, None]), row_weights)
+def _jsd_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, kept, scalars, normalisers)
+    g = (1 - scalars[2]) * (log_q - _log_mixture(log_p, log_q, scalars[2]))
+    _write(out, kept, dropped, log_q.exp() * (g - q_g[:, None]), row_weights)
 
 
-def _tv_statistics(student, teacher, student_scale, teacher_scale, beta):
-    log_q, log_p, normalisers = _log_probs(student, teacher, student_scale, teacher_scale)
+def _tv_statistics(student, teacher, kept, scalars):
+    log_q, log_p, normalisers = _log_probs(student, teacher, kept, scalars)
     q, p = log_q.exp(), log_p.exp()
     return 0.5 * (q - p).abs().sum(-1), 0.5 * (q * torch.sign(q - p)).sum(-1), normalisers
 
 
-def _tv_gradient(student, teacher, student_scale, teacher_scale, beta, normalisers, q_g, row_weights, out):
-    log_q, log_p, _ = _log_probs(student, teacher, student_scale, teacher_scale, normalisers)
+def _tv_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, kept, scalars, normalisers)
     q = log_q.exp()
-    _write(out, q * (0.5 * torch.sign(q - log_p.exp()) - q_g[:, None]), row_weights)
+    _write(out, kept, dropped, q * (0.5 * torch.sign(q - log_p.exp()) - q_g[:, None]), row_weights)
 
 
-_SOURCES = {"forward_kl": (_forward_kl_statistics, _forward_kl_gradient),
-            "reverse_kl": (_reverse_kl_statistics, _reverse_kl_gradient),
-            "jsd": (_jsd_statistics, _jsd_gradient),
-            "tv": (_tv_statistics, _tv_gradient)}
+# both kernels in one graph, for an ``out`` that is not the student's rows: inductor then writes each row's
+# gradient while the row is still in cache from its last reduction
+
+
+def _forward_kl_fused(student, teacher, kept, dropped, scalars, row_weights, out):
+    value, q_g, normalisers = _forward_kl_statistics(student, teacher, kept, scalars)
+    _forward_kl_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out)
+    return value
+
+
+def _reverse_kl_fused(student, teacher, kept, dropped, scalars, row_weights, out):
+    value, q_g, normalisers = _reverse_kl_statistics(student, teacher, kept, scalars)
+    _reverse_kl_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out)
+    return value
+
+
+def _jsd_fused(student, teacher, kept, dropped, scalars, row_weights, out):
+    value, q_g, normalisers = _jsd_statistics(student, teacher, kept, scalars)
+    _jsd_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out)
+    return value
+
+
+_SOURCES = {"forward_kl": (_forward_kl_statistics, _forward_kl_gradient, _forward_kl_fused),
+            "reverse_kl": (_reverse_kl_statistics, _reverse_kl_gradient, _reverse_kl_fused),
+            "jsd": (_jsd_statistics, _jsd_gradient, _jsd_fused),
+            # TV's q is read four times in one graph: inductor would store it, a block-sized temporary
+            "tv": (_tv_statistics, _tv_gradient, None)}
 _compiled: dict[str, Kernels] = {}
+RECOMPILE_LIMIT = 64
 # why compiled kernels are not used in this process, once they failed (the eager passes run instead)
 _unavailable: str | None = None
 
@@ -122,16 +160,25 @@ def compiled_kernels(divergence: str) -> Kernels | None:
     """The divergence's compiled kernels, or None where torch.compile cannot serve (eager passes then run).
 
     Each kernel is its own function, so each keeps its own compilation cache:
-    a run uses one divergence, one dtype and two row counts (a full block and
-    the last part), which ``maybe_mark_dynamic`` makes one compilation.
+    a run uses one divergence, one dtype and row counts that
+    ``maybe_mark_dynamic`` makes one compilation (a 1-row block, and
+    gathered rows or not, are others).
     """
     if _unavailable is not None or torch.compiler.is_compiling() or not torch._dynamo.is_dynamo_supported():
         return None
     if divergence not in _compiled:
-        statistics, gradient = _SOURCES[divergence]
-        _compiled[divergence] = Kernels(torch.compile(statistics, fullgraph=True),
-                                        torch.compile(gradient, fullgraph=True))
+        _compiled[divergence] = Kernels(*(kernel and _with_room(torch.compile(kernel, fullgraph=True))
+                                          for kernel in _SOURCES[divergence]))
     return _compiled[divergence]
+
+
+def _with_room(kernel: Callable) -> Callable:
+    """The kernel with room for its variants (dtypes, gathered rows or not, in place or not, a 1-row block):
+    past dynamo's default limit of 8 per function a fullgraph kernel raises instead of compiling."""
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return kernel(*args)
+    return call
 
 
 def give_up_compiling(error: Exception) -> None:

@@ -26,7 +26,8 @@ from torch import nn
 import kdhooks
 
 from ._layers import known
-from ._token_divergence import LinearHead, lm_kd_loss, lm_token_mask, token_divergence, top_k_log_probs
+from ._fused_linear_divergence import lm_kd_loss
+from ._token_divergence import LinearHead, lm_token_mask, token_divergence, top_k_log_probs
 
 __all__ = ["LinearHead", "attention_maps_loss", "hidden_states_loss", "lm_kd_loss", "lm_token_mask",
            "token_divergence", "top_k_log_probs", "layer_stack", "layer_pairs"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import kdhooks.plugins._compiled_divergence as compiled_module
+import kdhooks.plugins._fused_linear_divergence as fused_module
 import kdhooks.plugins._token_divergence as token_divergence_module
 from kdhooks.plugins.nlp import LinearHead, lm_kd_loss, token_divergence
 
@@ -18,7 +19,7 @@ DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks of 3 rows, so a chunk of 4 spans two blocks and the last chunk a part of one."""
-    monkeypatch.setattr(token_divergence_module, "BLOCK_ELEMENTS", 3 * VOCAB)
+    monkeypatch.setattr(fused_module, "BLOCK_ELEMENTS", 3 * VOCAB)
 
 
 def inputs(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -199,7 +200,7 @@ def test_a_failed_compilation_warns_once_and_the_eager_passes_give_the_same_loss
     expected = lm_kd_loss(student, teacher, mask=x["mask"], divergence="jsd", chunk_size=4, compile=False)
     expected_grad = torch.autograd.grad(expected, x["hidden"])[0]
     monkeypatch.setattr(compiled_module, "_unavailable", None)
-    monkeypatch.setitem(compiled_module._compiled, "jsd", compiled_module.Kernels(no_compiler, no_compiler))
+    monkeypatch.setitem(compiled_module._compiled, "jsd", compiled_module.Kernels(no_compiler, no_compiler, no_compiler))
     with pytest.warns(RuntimeWarning, match="could not build its fused kernels .*no C\\+\\+ compiler"):
         loss = lm_kd_loss(student, teacher, mask=x["mask"], divergence="jsd", chunk_size=4)
     assert torch.equal(loss.detach(), expected.detach())
@@ -225,8 +226,8 @@ def test_an_error_the_eager_passes_raise_too_is_raised_not_taken_for_a_compilati
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(compiled_module, "_unavailable", None)
-    monkeypatch.setitem(compiled_module._compiled, "forward_kl", compiled_module.Kernels(failing, failing))
-    monkeypatch.setattr(token_divergence_module, "_divergence_and_gradient_", failing)
+    monkeypatch.setitem(compiled_module._compiled, "forward_kl", compiled_module.Kernels(failing, failing, failing))
+    monkeypatch.setattr(fused_module, "_divergence_and_gradient_", failing)
     x = inputs()
     with pytest.raises(RuntimeError, match="out of memory"):
         lm_kd_loss(F.linear(x["hidden"], x["weight"]), F.linear(x["teacher_hidden"], x["teacher_weight"]),
@@ -239,8 +240,8 @@ def test_masked_tokens_form_no_logits_from_the_output_layer(monkeypatch, compile
     """Prompt and padding tokens add 0 to the loss: from the output layers no logits are formed for them, their
     hidden states get an exact 0 gradient, and a batch with no kept token gives 0, not nan."""
     formed_rows = []
-    scaled_logits = token_divergence_module._scaled_logits_
-    monkeypatch.setattr(token_divergence_module, "_scaled_logits_",
+    scaled_logits = fused_module._scaled_logits_
+    monkeypatch.setattr(fused_module, "_scaled_logits_",
                         lambda hidden, *args, **kwargs: formed_rows.append(len(hidden)) or scaled_logits(
                             hidden, *args, **kwargs))
     x = inputs()
