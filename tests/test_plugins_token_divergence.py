@@ -257,3 +257,25 @@ def test_masked_tokens_form_no_logits_from_the_output_layer(monkeypatch, compile
                               compile=compile)
     nothing_kept.backward()
     assert nothing_kept.item() == 0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3] + DIVERGENCES[-1:])
+def test_from_logits_a_prompt_masked_batch_reads_only_the_kept_rows(divergence, beta):
+    """Half the tokens a prompt (the kernels gather the kept rows), the other half kept: the naive form's loss
+    and gradient, and an exact 0 gradient for the prompt, even where its logits are not finite."""
+    x = inputs()
+    mask = torch.arange(TOKENS) >= TOKENS // 2
+    student_logits = F.linear(x["hidden"], x["weight"], x["bias"])
+    student_logits[0] = float("-inf")                     # a prompt row no softmax is defined for
+    leaf = student_logits.clone().requires_grad_()
+    teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"])
+    loss = lm_kd_loss(leaf, teacher_logits, mask=mask, divergence=divergence, beta=beta, temperature=1.3,
+                      chunk_size=100)
+    loss.backward()
+    reference_leaf = student_logits[mask].clone().requires_grad_()
+    reference = naive_loss(reference_leaf, teacher_logits[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
+                           divergence, beta, 1.3, None)
+    reference.backward()
+    assert_close(loss.detach(), reference.detach(), 1e-5)
+    assert_close(leaf.grad[mask], reference_leaf.grad, 1e-5)
+    assert torch.equal(leaf.grad[~mask], torch.zeros_like(leaf.grad[~mask]))
