@@ -167,24 +167,22 @@ def compiled_kernels(divergence: str) -> Kernels | None:
     if _unavailable is not None or torch.compiler.is_compiling() or not torch._dynamo.is_dynamo_supported():
         return None
     if divergence not in _compiled:
-        _compiled[divergence] = Kernels(*(kernel and _with_room(torch.compile(kernel, fullgraph=True))
+        _compiled[divergence] = Kernels(*(kernel and torch.compile(kernel, fullgraph=True)
                                           for kernel in _SOURCES[divergence]))
     return _compiled[divergence]
 
 
-def _with_room(kernel: Callable) -> Callable:
-    """The kernel with room for its variants (dtypes, gathered rows or not, in place or not, a 1-row block):
-    past dynamo's default limit of 8 per function a fullgraph kernel raises instead of compiling."""
-    def call(*args):
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return kernel(*args)
-    return call
+def room_for_variants():
+    """A context giving each kernel room for its variants (dtypes, gathered rows or not, in place or not, a
+    1-row block): past dynamo's default limit of 8 per function a fullgraph kernel raises instead of compiling.
+    Entered once per loss, not per kernel call: a config patch costs about a millisecond."""
+    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
 
 def give_up_compiling(error: Exception) -> None:
     """Use the eager passes from now on, and say once why (the result is the same, only slower)."""
     global _unavailable
-    _unavailable = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error) else ''}"
+    _unavailable = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
     warnings.warn(f"lm_kd: torch.compile could not build its fused kernels ({_unavailable}); the eager kernels run "
                   "instead (the same values, slower). Set `compile: false` on the lm_kd term to skip the attempt.",
                   RuntimeWarning, stacklevel=3)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._compiled_divergence import Kernels, compiled_kernels, give_up_compiling, mark_rows_dynamic
+from ._compiled_divergence import Kernels, compiled_kernels, give_up_compiling, mark_rows_dynamic, room_for_variants
 from ._token_divergence import (LinearHead, _divergence_and_gradient_, _divided, _flat, _float32, _logits,
                                 _scaled_logits_, _top_k_divergence_and_gradient_, token_divergence)
 
@@ -49,7 +49,8 @@ def _chunked_loss_and_gradients(options: dict, weights: torch.Tensor, student_x:
     if kernels is None:
         return _chunks(options, None, weights, student_x, student_w, student_b, teacher)
     try:
-        return _chunks(options, kernels, weights, student_x, student_w, student_b, teacher)
+        with room_for_variants():
+            return _chunks(options, kernels, weights, student_x, student_w, student_b, teacher)
     except Exception as error:  # noqa: BLE001 — judged below by whether the eager passes succeed
         result = _chunks(options, None, weights, student_x, student_w, student_b, teacher)
         give_up_compiling(error)
