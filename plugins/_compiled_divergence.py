@@ -14,7 +14,9 @@ q = softmax(z), p = softmax(t):
     TV           D = ½ Σ |q − p|                           ∂D/∂z = q ⊙ (g − Σ q g),  g = ½ sign(q − p)
 
 The gradient kernel writes ``out`` (weighted per row); ``out`` may be the
-student's own buffer, which it then overwrites in place. Where compilation is
+student's own buffer, which it then overwrites in place. Where ``out`` is
+another buffer (from logits), a ``fused`` kernel does both; for the two KLs
+it is two compiled parts, the rows' max and Σ exp, then the rest. Where compilation is
 unavailable or fails, ``compiled_kernels`` says so once and the eager passes run.
 """
 from __future__ import annotations
@@ -127,26 +129,58 @@ def _tv_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row
 # gradient while the row is still in cache from its last reduction
 
 
-def _forward_kl_fused(student, teacher, kept, dropped, scalars, row_weights, out):
-    value, q_g, normalisers = _forward_kl_statistics(student, teacher, kept, scalars)
-    _forward_kl_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out)
-    return value
-
-
-def _reverse_kl_fused(student, teacher, kept, dropped, scalars, row_weights, out):
-    value, q_g, normalisers = _reverse_kl_statistics(student, teacher, kept, scalars)
-    _reverse_kl_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out)
-    return value
-
-
 def _jsd_fused(student, teacher, kept, dropped, scalars, row_weights, out):
     value, q_g, normalisers = _jsd_statistics(student, teacher, kept, scalars)
     _jsd_gradient(student, teacher, kept, dropped, scalars, normalisers, q_g, row_weights, out)
     return value
 
 
-_SOURCES = {"forward_kl": (_forward_kl_statistics, _forward_kl_gradient, _forward_kl_fused),
-            "reverse_kl": (_reverse_kl_statistics, _reverse_kl_gradient, _reverse_kl_fused),
+# The KLs in one graph still make several passes over a block: the per-row log of Σ exp, a pointwise node over
+# rows, keeps inductor's CPU code from fusing the row loops. Split at that log, each KL's second kernel is one
+# loop per row (reduce, then write ∂D/∂z, the row still in cache). Measured from logits, 4096 tokens × 32000,
+# time against compiled naive: reverse KL 0.59x (0.89x in one graph), forward KL 0.68x (0.99x). JSD so split
+# stores block-sized temporaries (3x the memory) and TV runs 1.7x slower: they keep one graph, or two kernels.
+
+
+def _row_sums(student, teacher, kept, scalars):
+    """Each row's max and Σ exp(z − max), for the student and the teacher (their logs are taken outside)."""
+    if kept is not None:
+        student, teacher = student[kept], teacher[kept]
+    z, t = student.float() * scalars[0], teacher.float() * scalars[1]
+    z_max, t_max = z.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
+    return z_max, torch.exp(z - z_max).sum(-1, keepdim=True), t_max, torch.exp(t - t_max).sum(-1, keepdim=True)
+
+
+def _reverse_kl_from_normalisers(student, teacher, kept, dropped, scalars, normalisers, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, kept, scalars, normalisers)
+    q = log_q.exp()
+    kl = (q * (log_q - log_p)).sum(-1)
+    _write(out, kept, dropped, q * (log_q - log_p - kl[:, None]), row_weights)
+    return kl
+
+
+def _forward_kl_from_normalisers(student, teacher, kept, dropped, scalars, normalisers, row_weights, out):
+    log_q, log_p, _ = _log_probs(student, teacher, kept, scalars, normalisers)
+    p = log_p.exp()
+    _write(out, kept, dropped, log_q.exp() - p, row_weights)
+    return (p * (log_p - log_q)).sum(-1)
+
+
+def _split_at_logs(row_sums: Callable, divergence: Callable) -> Callable:
+    """A fused kernel in two compiled parts, the two per-row logs taken eagerly between them."""
+
+    def fused(student, teacher, kept, dropped, scalars, row_weights, out):
+        z_max, z_sum, t_max, t_sum = row_sums(student, teacher, kept, scalars)
+        normalisers = (z_max, z_sum.log_(), t_max, t_sum.log_())
+        mark_rows_dynamic(*normalisers)
+        return divergence(student, teacher, kept, dropped, scalars, normalisers, row_weights, out)
+
+    return fused
+
+
+# fused: one graph, or (row sums, the rest given the normalisers) split at the logs
+_SOURCES = {"forward_kl": (_forward_kl_statistics, _forward_kl_gradient, (_row_sums, _forward_kl_from_normalisers)),
+            "reverse_kl": (_reverse_kl_statistics, _reverse_kl_gradient, (_row_sums, _reverse_kl_from_normalisers)),
             "jsd": (_jsd_statistics, _jsd_gradient, _jsd_fused),
             # TV's q is read four times in one graph: inductor would store it, a block-sized temporary
             "tv": (_tv_statistics, _tv_gradient, None)}
@@ -167,8 +201,13 @@ def compiled_kernels(divergence: str) -> Kernels | None:
     if _unavailable is not None or torch.compiler.is_compiling() or not torch._dynamo.is_dynamo_supported():
         return None
     if divergence not in _compiled:
-        _compiled[divergence] = Kernels(*(kernel and torch.compile(kernel, fullgraph=True)
-                                          for kernel in _SOURCES[divergence]))
+        statistics, gradient, fused = _SOURCES[divergence]
+        if isinstance(fused, tuple):
+            fused = _split_at_logs(*(torch.compile(part, fullgraph=True) for part in fused))
+        elif fused is not None:
+            fused = torch.compile(fused, fullgraph=True)
+        _compiled[divergence] = Kernels(torch.compile(statistics, fullgraph=True),
+                                        torch.compile(gradient, fullgraph=True), fused)
     return _compiled[divergence]
 
 

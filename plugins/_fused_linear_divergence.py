@@ -94,6 +94,13 @@ def _chunks(options: dict, kernels: Kernels | None, weights: torch.Tensor, stude
         kernels = kernels and compiled_kernels(divergence)
     from_head, teacher_head = student_w is not None, isinstance(teacher, LinearHead)
     tokens, vocab = student_x.shape[0], student_w.shape[0] if from_head else student_x.shape[1]
+    # from logits, which rows count: the kernels read only those (from the output layer they alone are given)
+    keep = (weights != 0).cpu() if kernels is not None and not from_head else None
+    if kernels is not None and not (from_head or teacher_head) and float(keep.float().mean()) > GATHER_BELOW:
+        # from logits nothing is formed chunk by chunk: one call for all rows (the kernels hold no row-sized
+        # temporary), which spares each chunk's call its fixed cost (measured: 4% of a 4096-token step at
+        # 256-token chunks). Where rows are gathered, chunks bound the gathered rows reverse KL's graph stores.
+        chunk = tokens
     block_rows = max(1, min(chunk, BLOCK_ELEMENTS // vocab))
     if kernels is not None and (student_x.device.type != "cpu" or not (from_head or teacher_head)):
         # one call per chunk: a GPU kernel reads each row once in any case, and from logits on the CPU the
@@ -115,8 +122,6 @@ def _chunks(options: dict, kernels: Kernels | None, weights: torch.Tensor, stude
     if teacher_head:
         teacher = LinearHead(teacher.hidden, _float32(teacher.weight), _float32(teacher.bias))
     per_token = torch.empty(tokens, dtype=torch.float32, device=student_x.device)
-    # from logits, which rows count: the kernels read only those (from the output layer they alone are given)
-    keep = (weights != 0).cpu() if kernels is not None and not from_head else None
     scalars = torch.tensor([1.0 if from_head else 1 / temperature, 1.0 if teacher_head else 1 / temperature, beta],
                            device=student_x.device)
     row_weights = weights[:, None] / temperature           # ∂(Σ weight·D)/∂s = weight · ∂D/∂z / T

@@ -279,3 +279,31 @@ def test_from_logits_a_prompt_masked_batch_reads_only_the_kept_rows(divergence, 
     assert_close(loss.detach(), reference.detach(), 1e-5)
     assert_close(leaf.grad[mask], reference_leaf.grad, 1e-5)
     assert torch.equal(leaf.grad[~mask], torch.zeros_like(leaf.grad[~mask]))
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_from_logits_mostly_kept_rows_are_one_kernel_call(monkeypatch, divergence, beta):
+    """Above GATHER_BELOW kept, from logits, every row goes to the compiled kernels in one call whatever the chunk
+    size (the fused kernel, split at the logs for the KLs): the naive form's loss and gradient, masked rows 0."""
+    x = inputs()
+    mask = torch.ones(TOKENS, dtype=torch.bool)
+    mask[[3, 11]] = False
+    student_logits = F.linear(x["hidden"], x["weight"], x["bias"])
+    teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"])
+    teacher_logits[5, :4] = float("-inf")
+    calls = []
+    compiled_block = fused_module._compiled_block
+    monkeypatch.setattr(fused_module, "_compiled_block", lambda *args: calls.append(len(args[1])) or
+                        compiled_block(*args))
+    leaf = student_logits.clone().requires_grad_()
+    loss = lm_kd_loss(leaf, teacher_logits, mask=mask, divergence=divergence, beta=beta, temperature=1.6,
+                      chunk_size=4)
+    (loss * 2).backward()
+    reference_leaf = student_logits.clone().requires_grad_()
+    reference = naive_loss(reference_leaf, teacher_logits, mask, divergence, beta, 1.6, None)
+    (reference * 2).backward()
+    assert calls == [TOKENS]
+    assert compiled_module._unavailable is None
+    assert_close(loss.detach(), reference.detach(), 1e-5)
+    assert_close(leaf.grad, reference_leaf.grad, 1e-5)
+    assert torch.equal(leaf.grad[~mask], torch.zeros_like(leaf.grad[~mask]))
