@@ -68,7 +68,8 @@ def _write(out: torch.Tensor, kept: torch.Tensor | None, dropped: torch.Tensor |
            row_weights: torch.Tensor) -> None:
     """out ← the weighted gradient; with ``kept``, into those rows, and 0 into the ``dropped`` ones."""
     if kept is None:
-        out.copy_(gradient * row_weights[:, None])
+        # a row weighted 0 gets 0, not 0 · nan: padding's logits may be nan or -inf (a fully masked attention row)
+        out.copy_(torch.where(row_weights[:, None] != 0, gradient * row_weights[:, None], 0.0))
         return
     out[kept] = gradient * row_weights[kept][:, None]
     out[dropped] = 0

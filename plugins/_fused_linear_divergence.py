@@ -42,7 +42,7 @@ def _chunked_loss_and_gradients(options: dict, weights: torch.Tensor, student_x:
     # the gradients are formed here, not by autograd; a view of a non-leaf that requires grad would also make
     # torch.compile read its .grad (a warning)
     student_x, student_w, student_b = (None if t is None else t.detach() for t in (student_x, student_w, student_b))
-    if student_w is not None and isinstance(teacher, LinearHead) and not bool(weights.all()):
+    if student_w is not None and not bool(weights.all()):
         return _kept_rows_only(options, weights, student_x, student_w, student_b, teacher)
     kernels = (compiled_kernels(options["divergence"]) if options["compile"] and options["top_k"] is None
                else None)
@@ -58,14 +58,17 @@ def _chunked_loss_and_gradients(options: dict, weights: torch.Tensor, student_x:
 
 
 def _kept_rows_only(options: dict, weights: torch.Tensor, student_x: torch.Tensor, student_w: torch.Tensor,
-                    student_b: torch.Tensor | None, teacher: LinearHead) -> tuple[torch.Tensor, list]:
-    """From the output layers, only the tokens that count: masked ones (prompt, padding) add 0 and get a 0 gradient.
+                    student_b: torch.Tensor | None, teacher: torch.Tensor | LinearHead) -> tuple[torch.Tensor, list]:
+    """From the output layer, only the tokens that count: masked ones (prompt, padding) add 0 and get a 0 gradient.
 
     Their hidden states are gathered (tokens × hidden, small), so no logits are
-    formed for them, and the hidden states' gradient is scattered back.
+    formed for them (and padding's hidden states, nan after a fully masked
+    attention row, never reach the weight's gradient), and the hidden states'
+    gradient is scattered back.
     """
     kept = weights.nonzero().squeeze(1)
-    teacher = LinearHead(teacher.hidden.index_select(0, kept), teacher.weight, teacher.bias)
+    teacher = (LinearHead(teacher.hidden.index_select(0, kept), teacher.weight, teacher.bias)
+               if isinstance(teacher, LinearHead) else teacher.index_select(0, kept))
     total, (grad_x, *grads) = _chunked_loss_and_gradients(options, weights[kept], student_x.index_select(0, kept),
                                                           student_w, student_b, teacher)
     if grad_x is not None:
@@ -125,6 +128,8 @@ def _chunks(options: dict, kernels: Kernels | None, weights: torch.Tensor, stude
     scalars = torch.tensor([1.0 if from_head else 1 / temperature, 1.0 if teacher_head else 1 / temperature, beta],
                            device=student_x.device)
     row_weights = weights[:, None] / temperature           # ∂(Σ weight·D)/∂s = weight · ∂D/∂z / T
+    # rows weighted 0 get an exact 0 (the compiled kernels select it): their logits may be nan or -inf (padding)
+    zero_rows = None if kernels is not None or bool(weights.all()) else row_weights == 0
     for start in range(0, tokens, chunk):
         size = min(chunk, tokens - start)
         if from_head:
@@ -159,11 +164,15 @@ def _chunks(options: dict, kernels: Kernels | None, weights: torch.Tensor, stude
                                                                         divergence, beta, top_k)
             if not from_head and wants_x:
                 grad_s = z_block.mul_(row_weights[token_rows])
+                if zero_rows is not None:
+                    grad_s.masked_fill_(zero_rows[token_rows], 0.0)
                 if not in_gradient:
                     grad_x[token_rows] = grad_s
         if from_head:
             # the compiled kernels have weighted the rows already
             grad_s = z if kernels is not None else z.mul_(row_weights[start:start + size])
+            if zero_rows is not None:
+                grad_s.masked_fill_(zero_rows[start:start + size], 0.0)
             if wants_x and grad_x.dtype == torch.float32:
                 torch.mm(grad_s, weight, out=grad_x[start:start + size])
             elif wants_x:
@@ -173,7 +182,7 @@ def _chunks(options: dict, kernels: Kernels | None, weights: torch.Tensor, stude
             if wants_b:
                 grad_b += grad_s.sum(0)
     grads = [grad_x, *[None if g is None else g.to(t.dtype) for g, t in ((grad_w, student_w), (grad_b, student_b))]]
-    return torch.dot(per_token, weights), grads
+    return torch.dot(per_token.masked_fill_(weights == 0, 0.0), weights), grads
 
 
 def _compiled_block(kernels: Kernels, student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None,

@@ -284,7 +284,7 @@ def test_from_logits_a_prompt_masked_batch_reads_only_the_kept_rows(divergence, 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 def test_from_logits_mostly_kept_rows_are_one_kernel_call(monkeypatch, divergence, beta):
     """Above GATHER_BELOW kept, from logits, every row goes to the compiled kernels in one call whatever the chunk
-    size (the fused kernel, split at the logs for the KLs): the naive form's loss and gradient, masked rows 0."""
+    size (the fused kernel, split at the logs for the KLs): the naive form's loss and gradient."""
     x = inputs()
     mask = torch.ones(TOKENS, dtype=torch.bool)
     mask[[3, 11]] = False
@@ -306,4 +306,36 @@ def test_from_logits_mostly_kept_rows_are_one_kernel_call(monkeypatch, divergenc
     assert compiled_module._unavailable is None
     assert_close(loss.detach(), reference.detach(), 1e-5)
     assert_close(leaf.grad, reference_leaf.grad, 1e-5)
+
+
+@pytest.mark.parametrize("from_head", [False, True], ids=["logits", "output layer"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3] + DIVERGENCES[-1:])
+@pytest.mark.parametrize("compile", [True, False], ids=["compiled", "eager"])
+def test_masked_rows_with_nan_or_infinite_logits_count_for_nothing(divergence, beta, compile, from_head):
+    """Padding whose logits are nan (a fully masked attention row) or -inf, on a mostly kept batch (so not
+    gathered away): the kept rows' loss and gradient, and an exact 0 gradient for the padding."""
+    x = inputs()
+    mask = torch.ones(TOKENS, dtype=torch.bool)
+    mask[[3, 11]] = False
+    student_logits = F.linear(x["hidden"], x["weight"], x["bias"])
+    teacher_logits = F.linear(x["teacher_hidden"], x["teacher_weight"])
+    teacher_logits[3], teacher_logits[11] = float("nan"), float("-inf")
+    student_logits[3], student_logits[11] = float("-inf"), float("nan")
+    x["hidden"][3], x["hidden"][11] = float("nan"), float("inf")
+    leaf = (x["hidden"] if from_head else student_logits).clone().requires_grad_()
+    head = [x[name].clone().requires_grad_() for name in ("weight", "bias")]
+    student = LinearHead(leaf, *head) if from_head else leaf
+    loss = lm_kd_loss(student, teacher_logits, mask=mask, divergence=divergence, beta=beta, temperature=1.2,
+                      chunk_size=4, compile=compile)
+    loss.backward()
+    reference_leaf = (x["hidden"] if from_head else student_logits)[mask].clone().requires_grad_()
+    reference_head = [x[name].clone().requires_grad_() for name in ("weight", "bias")]
+    reference_logits = F.linear(reference_leaf, *reference_head) if from_head else reference_leaf
+    reference = naive_loss(reference_logits, teacher_logits[mask], torch.ones(int(mask.sum()), dtype=torch.bool),
+                           divergence, beta, 1.2, None)
+    reference.backward()
+    assert_close(loss.detach(), reference.detach(), 1e-5)
+    assert_close(leaf.grad[mask], reference_leaf.grad, 1e-5)
     assert torch.equal(leaf.grad[~mask], torch.zeros_like(leaf.grad[~mask]))
+    for parameter, reference_parameter in zip(head, reference_head) if from_head else ():
+        assert_close(parameter.grad, reference_parameter.grad, 1e-5)
