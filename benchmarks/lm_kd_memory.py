@@ -10,7 +10,8 @@ the logits a chunk at a time) and from logits already computed by the model
 GKD writes it); "compiled" is that same function under ``torch.compile``;
 Liger is ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (β = 0 and 1
 are its forward and reverse KL; it has no TV and takes only the output layer),
-when it imports. The floor is what any loss + backward must hold: the input
+when it imports (``pip install liger-kernel``: no dependency of kdhooks, so
+the table says so where it is missing). The floor is what any loss + backward must hold: the input
 gradients (hidden states and weight, or the logits) and one chunk's logits and
 their gradient.
 """
