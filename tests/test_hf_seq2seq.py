@@ -192,7 +192,10 @@ def test_evaluation_gives_the_teacher_the_decoder_inputs_too(model, tmp_path):
     batch = batch_of(held_out)
     with torch.no_grad():
         expected = decoder_divergence(student.eval()(**batch).logits, teacher(**batch).logits, batch["labels"], 2.0)
-    assert metrics["eval_distill_raw/lm_kd"] == pytest.approx(expected, rel=1e-5)
-    assert metrics["eval_distill/lm_kd"] == pytest.approx(0.3 * expected, rel=1e-5)
+    # float32 log-probabilities near log(1/40) differ by a few hundredths per token, so the float32 loss (the
+    # textbook float32 form's too) is 1e-5 off this float64 value; a teacher decoding other inputs, what this
+    # test guards against, moves it by over 5% (the training test above)
+    assert metrics["eval_distill_raw/lm_kd"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["eval_distill/lm_kd"] == pytest.approx(0.3 * expected, rel=1e-4)
     assert metrics["eval_distill/task"] == pytest.approx(0.5 * metrics["eval_loss"], rel=1e-5)
     trainer.distiller.close()
