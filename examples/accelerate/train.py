@@ -16,6 +16,7 @@ with cpu=True: the script prints the world size it really got.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import uuid
 from pathlib import Path
@@ -171,3 +172,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # what main() leaves in reference cycles (accelerate's prepared DDP models among them) would be freed at
+    # interpreter shutdown, where gloo's threads abort the process (SIGABRT after a finished run: 5 runs in 30
+    # on two torchrun nodes, 0 in 30 with this collection)
+    gc.collect()
