@@ -5,6 +5,7 @@ connector weights and the Trainer's logs to ``<dir>/rank<r>.json``.
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -34,3 +35,7 @@ if __name__ == "__main__":
     (directory / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()  # join gloo's threads before exit
+    del trainer
+    # free what is left in reference cycles before interpreter shutdown, where gloo's threads can abort a finished
+    # process (SIGABRT; see examples/accelerate/train.py)
+    gc.collect()

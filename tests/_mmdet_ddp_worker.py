@@ -4,6 +4,7 @@ mmengine's launcher calls torch.cuda.set_device and passes device_ids, which a
 CPU process cannot take; so the gloo group is started here (the Runner then
 skips its own init) and the wrapper is configured without device_ids.
 """
+import gc
 import json
 import sys
 
@@ -34,3 +35,7 @@ result = {
 with open(f"{out}/rank{dist.get_rank()}.json", "w") as f:
     json.dump(result, f)
 dist.destroy_process_group()
+del runner, model
+# free what is left in reference cycles before interpreter shutdown, where gloo's threads can abort a finished
+# process (SIGABRT; see examples/accelerate/train.py)
+gc.collect()

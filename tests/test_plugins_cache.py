@@ -267,7 +267,10 @@ def test_under_ddp_each_rank_reads_the_samples_the_other_stored(tmp_path):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", str(port), str(worker), str(folder), cache],
                               capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        # each rank's own lines: the rank that failed first is not the one whose error comes last
+        ranks = ["\n".join(line for line in done.stderr.splitlines() if line.startswith(f"[rank{r}]"))[-2000:]
+                 for r in (0, 1)]
+        assert done.returncode == 0, f"{name}:\n{ranks[0]}\n{ranks[1]}\n{done.stdout[-1000:]}\n{done.stderr[-1500:]}"
         results[name] = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
     for plain, cached in zip(results["plain"], results["cached"]):
         assert cached["world"] == 2
