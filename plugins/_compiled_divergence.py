@@ -39,6 +39,24 @@ class Kernels(NamedTuple):
     fused: Callable | None
 
 
+def _scaled_rows(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor | None, scalars: torch.Tensor):
+    """The kept rows as float32, each side times its scale."""
+    if kept is not None:                                   # a gather inductor folds into its loads: no copy
+        student, teacher = student[kept], teacher[kept]
+    return student.float() * scalars[0], teacher.float() * scalars[1]
+
+
+def _maxima_and_sums(z: torch.Tensor, t: torch.Tensor):
+    """Each row's max and Σ exp(row − max), for both sides."""
+    z_max, t_max = z.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
+    return z_max, torch.exp(z - z_max).sum(-1, keepdim=True), t_max, torch.exp(t - t_max).sum(-1, keepdim=True)
+
+
+def _row_sums(student, teacher, kept, scalars):
+    """The normalisers before their logs (taken outside the compiled kernel: see _split_at_logs)."""
+    return _maxima_and_sums(*_scaled_rows(student, teacher, kept, scalars))
+
+
 def _log_probs(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor | None, scalars: torch.Tensor,
                normalisers: tuple[torch.Tensor, ...] | None = None):
     """Floored log q and log p of the kept, scaled float32 rows, and their normalisers (computed when not given).
@@ -47,13 +65,10 @@ def _log_probs(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor 
     whose rounded max + log Σ puts an error of a unit in the last place of the
     larger into every log-probability alike: a small KL would be off by 1e-3.
     """
-    if kept is not None:                                   # a gather inductor folds into its loads: no copy
-        student, teacher = student[kept], teacher[kept]
-    z, t = student.float() * scalars[0], teacher.float() * scalars[1]
+    z, t = _scaled_rows(student, teacher, kept, scalars)
     if normalisers is None:
-        z_max, t_max = z.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
-        normalisers = (z_max, torch.log(torch.exp(z - z_max).sum(-1, keepdim=True)),
-                       t_max, torch.log(torch.exp(t - t_max).sum(-1, keepdim=True)))
+        z_max, z_sum, t_max, t_sum = _maxima_and_sums(z, t)
+        normalisers = (z_max, torch.log(z_sum), t_max, torch.log(t_sum))
     z_max, z_log_sum, t_max, t_log_sum = normalisers
     log_q = ((z - z_max) - z_log_sum).clamp_min(LOG_FLOOR)
     log_p = ((t - t_max) - t_log_sum).clamp_min(LOG_FLOOR)
@@ -141,15 +156,8 @@ def _jsd_fused(student, teacher, kept, dropped, scalars, row_weights, out):
 # loop per row (reduce, then write ∂D/∂z, the row still in cache). Measured from logits, 4096 tokens × 32000,
 # time against compiled naive: reverse KL 0.59x (0.89x in one graph), forward KL 0.68x (0.99x). JSD so split
 # stores block-sized temporaries (3x the memory) and TV runs 1.7x slower: they keep one graph, or two kernels.
-
-
-def _row_sums(student, teacher, kept, scalars):
-    """Each row's max and Σ exp(z − max), for the student and the teacher (their logs are taken outside)."""
-    if kept is not None:
-        student, teacher = student[kept], teacher[kept]
-    z, t = student.float() * scalars[0], teacher.float() * scalars[1]
-    z_max, t_max = z.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
-    return z_max, torch.exp(z - z_max).sum(-1, keepdim=True), t_max, torch.exp(t - t_max).sum(-1, keepdim=True)
+# The second kernels compute q (or p) once for the value and the gradient: composed of the statistics and
+# gradient kernels instead, they were measured 0.68x and 0.83x.
 
 
 def _reverse_kl_from_normalisers(student, teacher, kept, dropped, scalars, normalisers, row_weights, out):

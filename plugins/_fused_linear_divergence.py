@@ -128,7 +128,8 @@ def _chunks(options: dict, kernels: Kernels | None, weights: torch.Tensor, stude
     scalars = torch.tensor([1.0 if from_head else 1 / temperature, 1.0 if teacher_head else 1 / temperature, beta],
                            device=student_x.device)
     row_weights = weights[:, None] / temperature           # ∂(Σ weight·D)/∂s = weight · ∂D/∂z / T
-    # rows weighted 0 get an exact 0 (the compiled kernels select it): their logits may be nan or -inf (padding)
+    # from logits, rows weighted 0 get an exact 0 (the compiled kernels select it): their logits may be nan or
+    # -inf (padding); from the output layer such rows never get here (_kept_rows_only)
     zero_rows = None if kernels is not None or bool(weights.all()) else row_weights == 0
     for start in range(0, tokens, chunk):
         size = min(chunk, tokens - start)
@@ -171,8 +172,6 @@ def _chunks(options: dict, kernels: Kernels | None, weights: torch.Tensor, stude
         if from_head:
             # the compiled kernels have weighted the rows already
             grad_s = z if kernels is not None else z.mul_(row_weights[start:start + size])
-            if zero_rows is not None:
-                grad_s.masked_fill_(zero_rows[start:start + size], 0.0)
             if wants_x and grad_x.dtype == torch.float32:
                 torch.mm(grad_s, weight, out=grad_x[start:start + size])
             elif wants_x:
