@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -175,7 +176,9 @@ def _digest(path: Path) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
+    # a temporary of each writer's own: every DDP rank writes the shared spec, and with one name for all a
+    # rank's replace could move another's temporary away before that one's replace (FileNotFoundError)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
 

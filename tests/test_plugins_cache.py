@@ -277,3 +277,28 @@ def test_under_ddp_each_rank_reads_the_samples_the_other_stored(tmp_path):
         assert cached["losses"] == plain["losses"]
         assert plain["runs"] == 1 + 4 and cached["runs"] == 1 + 2     # epoch 2 served: the other rank's shards
         assert cached["rates"][2:] == [1.0, 1.0]
+
+
+def test_writers_of_the_shared_spec_never_take_each_others_temporary(tmp_path):
+    """Every DDP rank writes the cache's spec at once: each write is whole and none fails."""
+    import threading
+
+    from kdhooks.plugins.cache import _write_atomically
+
+    path, failures = tmp_path / "spec.json", []
+
+    def write(writer: int) -> None:
+        for attempt in range(300):
+            try:
+                _write_atomically(path, json.dumps({"writer": writer, "attempt": attempt}))
+            except OSError as error:
+                failures.append(error)
+
+    writers = [threading.Thread(target=write, args=(writer,)) for writer in range(2)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    assert failures == []
+    assert json.loads(path.read_text())["attempt"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]
